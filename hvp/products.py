@@ -1,0 +1,208 @@
+"""Loss, gradient, and curvature products of a network at a point θ.
+
+``linearize`` runs one forward and one backward pass and keeps what the
+products need (each layer's input, σ′ and σ″, the adjoints δ = ∂L/∂O of each
+layer's output, the loss-Hessian factors), so that every later product costs
+one tangent pass and one backward pass and never the forward pass again.
+Blocks of k directions travel together along the k axis (DESIGN.md §1).
+"""
+
+import numpy as np
+
+from ._checks import check_direction, check_inputs, check_l2, check_theta, describe, real_array
+
+
+def _prepare(net, loss, theta, X, y, l2):
+    theta = check_theta(theta, net.num_params)
+    X = check_inputs(X, net.in_features, theta.dtype)
+    return theta, X, check_l2(l2)
+
+
+def _backward(net, params, caches, DO, keep_adjoints=False):
+    """Rule 2 from the outputs to θ: gradient (P,) for DO (B, C), or (P, k) for DO (B, k, C).
+
+    With ``keep_adjoints``, also returns the adjoint of every layer's output.
+    """
+    P = net.num_params
+    grad = np.empty((P,) + DO.shape[1:-1], dtype=DO.dtype)
+    views = net.unflatten(grad)
+    adjoints = [None] * len(net.layers)
+    for i in reversed(range(len(net.layers))):
+        layer, p, cache = net.layers[i], params[i], caches[i]
+        adjoints[i] = DO
+        for name, g in layer.backward_params(p, cache, DO).items():
+            views[i][name][...] = g
+        if i > 0:
+            DO = layer.backward_input(p, cache, DO)
+    return (grad, adjoints) if keep_adjoints else grad
+
+
+def loss_and_grad(net, loss, theta, X, y, l2=0.0):
+    """Loss ``L(θ) = ℓ(f(θ, X), y) + l2/2 Σ‖W‖²`` and its gradient.
+
+    Parameters
+    ----------
+    net : Sequential
+    loss : CrossEntropyLoss or MSELoss
+    theta : ndarray, shape (P,), float32 or float64
+    X : array_like, shape (B, in_features)
+    y : array_like, labels (B,) or targets (B, C)
+    l2 : float
+        Weight of the penalty ``l2/2 · Σ‖W‖²`` over weight matrices (not biases).
+
+    Returns
+    -------
+    loss : float
+    grad : ndarray, shape (P,), dtype of θ
+    """
+    theta, X, l2 = _prepare(net, loss, theta, X, y, l2)
+    params = net.unflatten(theta)
+    O, caches = net.forward_cached(params, X)
+    value, loss_cache = loss.forward(O, loss.check_target(y, O))
+    grad = _backward(net, params, caches, loss.backward(loss_cache))
+    if l2:
+        mask = net.weight_mask()
+        value += 0.5 * l2 * float(theta[mask] @ theta[mask])
+        grad[mask] += theta.dtype.type(l2) * theta[mask]
+    return value, grad
+
+
+def linearize(net, loss, theta, X, y, l2=0.0):
+    """Linearize the loss at θ: one forward and backward pass, cached for products.
+
+    Parameters are as in :func:`loss_and_grad`.
+
+    Returns
+    -------
+    Linearization
+        With ``.loss``, ``.grad`` (P,), ``.outputs`` (B, C) and the products
+        ``.hvp``, ``.ggnvp``, ``.jvp``, ``.vjp``.
+    """
+    theta, X, l2 = _prepare(net, loss, theta, X, y, l2)
+    return Linearization(net, loss, theta.copy(), X, y, l2)
+
+
+class Linearization:
+    """Everything the products need at one point θ; build it with :func:`linearize`.
+
+    Attributes
+    ----------
+    loss : float
+        ``L(θ)``, L2 penalty included.
+    grad : ndarray, shape (P,)
+        ``∇L(θ)``, L2 term included.
+    outputs : ndarray, shape (B, C)
+        Network outputs ``O = f(θ, X)``.
+    """
+
+    def __init__(self, net, loss, theta, X, y, l2):
+        self.net, self.loss_fn, self.theta, self.l2 = net, loss, theta, l2
+        self.params = net.unflatten(theta)
+        self.outputs, self.caches = net.forward_cached(self.params, X)
+        value, self.loss_cache = loss.forward(self.outputs, loss.check_target(y, self.outputs))
+        self.grad, self.adjoints = _backward(net, self.params, self.caches,
+                                             loss.backward(self.loss_cache), keep_adjoints=True)
+        self.weight_mask = net.weight_mask()
+        if l2:
+            w = theta[self.weight_mask]
+            value += 0.5 * l2 * float(w @ w)
+            self.grad[self.weight_mask] += theta.dtype.type(l2) * w
+        self.loss = value
+
+    # -- directions ---------------------------------------------------------
+
+    def _block(self, name, v):
+        """v (P,) or (P, k) as a (P, k) block in θ's dtype, and whether it was 1-D."""
+        v = check_direction(name, v, self.net.num_params, self.theta.dtype)
+        return (v[:, None] if v.ndim == 1 else v), v.ndim == 1
+
+    def _tangents(self, V):
+        """Rule 3 through the network: per-layer input tangents and the output tangent (B, k, C)."""
+        dps = self.net.unflatten(V)
+        inputs, dI = [], None
+        for layer, p, cache, dp in zip(self.net.layers, self.params, self.caches, dps):
+            inputs.append(dI)
+            dI = layer.tangent(p, cache, dI, dp or None)
+        if dI is None:  # a network whose parameters all sit behind nothing: J = 0
+            dI = np.zeros((self.outputs.shape[0], V.shape[1], self.outputs.shape[1]), self.theta.dtype)
+        return dps, inputs, dI
+
+    def _curvature_product(self, v, name, exact):
+        V, was_vector = self._block(name, v)
+        dps, tangent_inputs, dO = self._tangents(V)
+        RDO = self.loss_fn.hessian_vp(self.loss_cache, dO)
+        out = np.empty(V.shape, dtype=self.theta.dtype)
+        views = self.net.unflatten(out)
+        for i in reversed(range(len(self.net.layers))):
+            layer, p, cache = self.net.layers[i], self.params[i], self.caches[i]
+            grads = layer.backward_params(p, cache, RDO)
+            DI_cross = None
+            if exact:  # the σ″ and Ẇ/İ terms of rule 4, with DOD = δ of this layer's output
+                DI_cross, g_cross = layer.tangent_backward(p, cache, tangent_inputs[i], dps[i] or None,
+                                                           self.adjoints[i])
+                if g_cross:
+                    grads = {key: g + g_cross[key] if key in g_cross else g for key, g in grads.items()}
+            for key, g in grads.items():
+                views[i][key][...] = g
+            if i > 0:
+                RDO = layer.backward_input(p, cache, RDO)
+                if DI_cross is not None:
+                    RDO = RDO + DI_cross
+        if self.l2:
+            out[self.weight_mask] += self.theta.dtype.type(self.l2) * V[self.weight_mask]
+        return out[:, 0] if was_vector else out
+
+    # -- products -----------------------------------------------------------
+
+    def hvp(self, v):
+        """Hessian-vector product ``H v`` of the loss, L2 term included (Pearlmutter's R-operator).
+
+        Parameters
+        ----------
+        v : array_like, shape (P,) or (P, k)
+            One direction, or k directions pushed through together.
+
+        Returns
+        -------
+        ndarray, shape of ``v``, dtype of θ
+        """
+        return self._curvature_product(v, "v", exact=True)
+
+    def ggnvp(self, v):
+        """Generalized Gauss-Newton product ``(Jᵀ ∇²ℓ J + l2·diag(weight mask)) v``.
+
+        Positive semi-definite for the convex losses here. Same shapes as :meth:`hvp`.
+        """
+        return self._curvature_product(v, "v", exact=False)
+
+    def jvp(self, v):
+        """Output tangents ``J v``, J = ∂O/∂θ.
+
+        Parameters
+        ----------
+        v : array_like, shape (P,) or (P, k)
+
+        Returns
+        -------
+        ndarray, shape (B, C) for v (P,), (B, k, C) for v (P, k)
+        """
+        V, was_vector = self._block("v", v)
+        dO = self._tangents(V)[2]
+        return dO[:, 0] if was_vector else dO
+
+    def vjp(self, u):
+        """``Jᵀ u``, J = ∂O/∂θ (no loss, no L2 term).
+
+        Parameters
+        ----------
+        u : array_like, shape (B, C), or (B, k, C) for k vectors at once
+
+        Returns
+        -------
+        ndarray, shape (P,), or (P, k) for u (B, k, C)
+        """
+        B, C = self.outputs.shape
+        u = real_array("u", u, self.theta.dtype)
+        if u.ndim not in (2, 3) or u.shape[0] != B or u.shape[-1] != C:
+            raise ValueError(f"u must have shape ({B}, {C}) or ({B}, k, {C}), got {describe(u)}")
+        return _backward(self.net, self.params, self.caches, u)

@@ -1,0 +1,1 @@
+"""Optimizers built on hvp's curvature products."""
