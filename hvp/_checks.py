@@ -72,6 +72,7 @@ def check_direction(name, v, num_params, dtype):
     """A direction block: shape (P,) or (P, k) with k >= 1, finite; returned as ``dtype``."""
     v = real_array(name, v, dtype)
     if v.ndim not in (1, 2) or v.shape[0] != num_params or (v.ndim == 2 and v.shape[1] == 0):
-        raise ValueError(f"{name} must have shape ({num_params},) or ({num_params}, k) with k >= 1, got shape {v.shape}")
+        raise ValueError(f"{name} must have shape ({num_params},) or ({num_params}, k) with k >= 1, "
+                         f"got shape {v.shape}")
     check_finite(name, v)
     return v

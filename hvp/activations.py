@@ -18,13 +18,6 @@ import numpy as np
 from scipy.special import expit
 
 
-def _per_example(a, like):
-    """View a (B, n) array so that it broadcasts against ``like`` (B, ..., n)."""
-    if np.ndim(a) == 0 or like.ndim == 2:
-        return a
-    return a.reshape(a.shape[:1] + (1,) * (like.ndim - 2) + a.shape[1:])
-
-
 def _is_zero(a):
     return np.ndim(a) == 0 and a == 0
 
@@ -66,26 +59,26 @@ class Elementwise:
         return cache["d2"]
 
     def backward_input(self, p, cache, DO):
-        """Rule 2: ``DI = σ′(I) ⊙ DO``; DO (B, ..., n)."""
-        return _per_example(self._d1(cache), DO) * DO
+        """Rule 2: ``DI = σ′(I) ⊙ DO``; DO (..., B, n)."""
+        return self._d1(cache) * DO
 
     def backward_params(self, p, cache, DO):
         return {}
 
     def tangent(self, p, cache, dI, dp):
-        """Rule 3: ``Ȯ = σ′(I) ⊙ İ``; dI (B, k, n) or None."""
+        """Rule 3: ``Ȯ_k = σ′(I) ⊙ İ_k``; dI (k, B, n) or None."""
         if dI is None:
             return None
-        return _per_example(self._d1(cache), dI) * dI
+        return self._d1(cache) * dI
 
-    def tangent_backward(self, p, cache, dI, dp, DOD):
-        """Rule 4 cross term: ``DI_k = σ″(I) ⊙ İ_k ⊙ DOD``; DOD (B, n) -> (B, k, n)."""
-        if dI is None:
+    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True):
+        """Rule 4 cross term: ``DI_k = σ″(I) ⊙ İ_k ⊙ DOD``; DOD (B, n) or (k, B, n) -> (k, B, n)."""
+        if dI is None or not need_input:
             return None, None
         d2 = self._d2(cache)
         if _is_zero(d2):
             return None, None
-        return _per_example(d2 * DOD, dI) * dI, None
+        return d2 * DOD * dI, None
 
 
 class Identity(Elementwise):

@@ -1,35 +1,32 @@
 """Layers and the four derivative rules every layer implements.
 
-Layer contract (DESIGN.md §1, seed 002). Arrays are batch first. For a layer
-with inputs of width ``m`` and outputs of width ``n``:
+Layer contract (DESIGN.md §1, seed 002). Arrays are batch first; a block of k
+directions adds a leading axis k, so that each direction is one ordinary batch
+and k directions cost k matrix products of full size (or one, where the k axis
+folds into the batch). For a layer with inputs of width m and outputs of width n:
 
-======================  ==========================  ==============================
-rule                    method                      shapes
-======================  ==========================  ==============================
-1 forward               ``forward(p, I)``           I (B, m) -> O (B, n), cache
-2 backward              ``backward_input(p, c, DO)``  DO (B, ..., n) -> DI (B, ..., m)
-                        ``backward_params(p, c, DO)`` DO (B, n) -> dict like ``p``;
-                                                    DO (B, k, n) -> dict with a
-                                                    trailing k axis
-3 tangent               ``tangent(p, c, dI, dp)``   dI (B, k, m) or None,
-                                                    dp dict with trailing k axis
-                                                    or None -> dO (B, k, n) or None
-4 tangent backward      ``tangent_backward(p, c,    dI (B, k, m) or None, dp, DOD
-                        dI, dp, DOD)``              (B, n) -> (DI_k (B, k, m) or
-                                                    None, dict with trailing k)
-======================  ==========================  ==============================
+====================  ===========================================  ==========================================
+rule                  method                                       shapes
+====================  ===========================================  ==========================================
+1 forward             ``forward(p, I) -> (O, cache)``              I (B, m) -> O (B, n)
+2 backward            ``backward_input(p, cache, DO) -> DI``       DO (..., B, n) -> DI (..., B, m)
+                      ``backward_params(p, cache, DO) -> dict``    DO (B, n) -> like ``p``;
+                                                                   DO (k, B, n) -> (k, *shape) per direction
+3 tangent             ``tangent(p, cache, dI, dp) -> dO``          dI (k, B, m), dp {name: (k, *shape)} -> (k, B, n)
+4 tangent backward    ``tangent_backward(p, cache, dI, dp, DOD,    DOD (B, n) or (k, B, n) -> DI_k (k, B, m)
+                      need_input) -> (DI_k, grads_k)``             and {name: (k, *shape)}
+====================  ===========================================  ==========================================
 
-``p`` is the layer's dict of parameter views (``net.unflatten``), ``c`` the
-cache returned by ``forward``. ``None`` stands for a tangent that is zero, so
-no work is spent on it. ``dp`` holds a direction in parameter space with the
-direction axis last, as the columns of a ``(P, k)`` block are laid out
-(``"weight"`` (m, n, k), ``"bias"`` (n, k)).
+``p`` is the layer's dict of parameter views (``net.unflatten``), ``cache``
+what ``forward`` returned. ``None`` stands for a tangent, a direction or a term
+that is zero, so that no work is spent on it.
 
-Rule 4 is written in its per-direction form: for a scalar ``T_k`` that depends
-on ``O`` and ``Ȯ_k`` with ``∂T_k/∂Ȯ_k = DOD``, the adjoints are
-``backward(DO_k)`` plus the terms returned by ``tangent_backward``; the adjoint
-of the input tangent is ``backward_input(DOD)``. These extra terms are the
-``σ″`` and ``Ẇ``/``İ`` cross terms that the Gauss-Newton product drops.
+Rule 4 is written per direction: for scalars ``T_k`` that depend on ``O`` and
+``Ȯ_k`` with ``∂T_k/∂Ȯ_k = DOD`` and ``∂T_k/∂O = DO_k``, the adjoints at the
+input and the parameters are ``backward(DO_k)`` plus the cross terms that
+``tangent_backward`` returns, and the adjoint of the input tangent is
+``backward_input(DOD)``. The Gauss-Newton product is the same pass without the
+cross terms.
 """
 
 import numpy as np
@@ -75,61 +72,41 @@ class Linear:
         return O, I
 
     def backward_input(self, p, I, DO):
-        """Rule 2: ``DI = DO Wᵀ``; DO (B, ..., n) -> DI (B, ..., m)."""
+        """Rule 2: ``DI = DO Wᵀ``; DO (..., B, n) -> DI (..., B, m)."""
         W = p["weight"]
         return (DO.reshape(-1, W.shape[1]) @ W.T).reshape(DO.shape[:-1] + (W.shape[0],))
 
     def backward_params(self, p, I, DO):
-        """Rule 2: ``DW = Iᵀ DO``, ``Db = Σ_b DO``; with DO (B, k, n): per direction.
+        """Rule 2: ``DW = Iᵀ DO``, ``Db = Σ_b DO``.
 
-        Returns weight (m, n) and bias (n,), or (m, n, k) and (n, k) for DO (B, k, n).
+        DO (B, n) gives weight (m, n) and bias (n,); DO (k, B, n) gives one
+        gradient per direction, weight (k, m, n) and bias (k, n).
         """
-        if DO.ndim == 2:
-            grads = {"weight": I.T @ DO}
-            if self.bias:
-                grads["bias"] = DO.sum(axis=0)
-            return grads
-        B, k, n = DO.shape
-        # 'bm,bkn->mnk': the k axis folds into the columns of one matmul.
-        grads = {"weight": (I.T @ DO.reshape(B, k * n)).reshape(-1, k, n).transpose(0, 2, 1)}
+        grads = {"weight": np.matmul(I.T, DO)}
         if self.bias:
-            grads["bias"] = DO.sum(axis=0).T
+            grads["bias"] = DO.sum(axis=-2)
         return grads
 
     def tangent(self, p, I, dI, dp):
-        """Rule 3: ``Ȯ = İ W + I Ẇ + ḃ``; dI (B, k, m), Ẇ (m, n, k) -> dO (B, k, n)."""
+        """Rule 3: ``Ȯ_k = İ_k W + I Ẇ_k + ḃ_k``; dI (k, B, m), Ẇ (k, m, n) -> dO (k, B, n)."""
         W = p["weight"]
-        m, n = W.shape
-        dO = None
-        if dI is not None:
-            B, k, _ = dI.shape
-            dO = (dI.reshape(B * k, m) @ W).reshape(B, k, n)
+        dO = None if dI is None else (dI.reshape(-1, W.shape[0]) @ W).reshape(dI.shape[:-1] + (W.shape[1],))
         if dp is not None:
-            k = dp["weight"].shape[2]
-            # 'bm,mnk->bkn'
-            from_params = (I @ dp["weight"].reshape(m, n * k)).reshape(-1, n, k)
+            from_params = np.matmul(I, dp["weight"])
             if self.bias:
-                from_params += dp["bias"]
-            from_params = from_params.transpose(0, 2, 1)
+                from_params += dp["bias"][:, None, :]
             dO = from_params if dO is None else dO + from_params
         return dO
 
-    def tangent_backward(self, p, I, dI, dp, DOD):
-        """Rule 4 cross terms: ``DI_k = DOD Ẇ_kᵀ``, ``DW_k = İ_kᵀ DOD``; DOD (B, n).
+    def tangent_backward(self, p, I, dI, dp, DOD, need_input=True):
+        """Rule 4 cross terms: ``DI_k = DOD Ẇ_kᵀ``, ``DW_k = İ_kᵀ DOD``; DOD (B, n) or (k, B, n).
 
-        Returns DI_k (B, k, m) or None, and the weight term (m, n, k) (the bias
-        has no cross term).
+        Returns DI_k (k, B, m) (None when zero or not ``need_input``) and
+        ``{"weight": (k, m, n)}`` (None when İ is zero; the bias has no cross term).
         """
-        m, n = p["weight"].shape
         DI = grads = None
-        if dp is not None:
-            dW = dp["weight"]
-            k = dW.shape[2]
-            # 'bn,mnk->bkm'
-            DI = (DOD @ dW.transpose(1, 2, 0).reshape(n, k * m)).reshape(-1, k, m)
+        if dp is not None and need_input:
+            DI = np.matmul(DOD, dp["weight"].transpose(0, 2, 1))
         if dI is not None:
-            B, k, _ = dI.shape
-            # 'bkm,bn->mnk'
-            dW = (dI.reshape(B, k * m).T @ DOD).reshape(k, m, n).transpose(1, 2, 0)
-            grads = {"weight": dW}
+            grads = {"weight": np.matmul(dI.transpose(0, 2, 1), DOD)}
         return DI, grads

@@ -2,7 +2,7 @@
 
 Loss contract: ``check_target(y, O)`` validates and converts the target,
 ``forward(O, y) -> (value, cache)``, ``backward(cache) -> ∇_O ℓ`` (B, C) and
-``hessian_vp(cache, U) -> ∇²_O ℓ [U]`` for U (B, k, C). With ``reduction="mean"``
+``hessian_vp(cache, U) -> ∇²_O ℓ [U]`` for U (k, B, C). With ``reduction="mean"``
 the per-example terms are divided by ``normalizer`` (B for cross-entropy, B·C
 for MSE, as ``torch.nn``); with ``"sum"`` they are added.
 """
@@ -44,7 +44,8 @@ class CrossEntropyLoss:
                 raise ValueError(f"labels y must lie in [0, {C}), got values from {y.min()} to {y.max()}")
             return y
         if y.shape != (B, C):
-            raise ValueError(f"y must be labels of shape ({B},) or probabilities of shape ({B}, {C}), got shape {y.shape}")
+            raise ValueError(f"y must be labels of shape ({B},) or probabilities of shape ({B}, {C}), "
+                             f"got shape {y.shape}")
         y = real_array("y", y, O.dtype)
         check_finite("y", y)
         return y
@@ -71,11 +72,11 @@ class CrossEntropyLoss:
         return g / g.dtype.type(N)
 
     def hessian_vp(self, cache, U):
-        """``s ⊙ (p ⊙ U − p ⟨p, U⟩)/N``; U (B, k, C) -> (B, k, C)."""
-        p = cache["p"][:, None, :]
-        HU = p * (U - (p * U).sum(axis=2, keepdims=True))
+        """``s ⊙ (p ⊙ U − p ⟨p, U⟩)/N``; U (..., B, C) -> (..., B, C)."""
+        p = cache["p"]
+        HU = p * (U - (p * U).sum(axis=-1, keepdims=True))
         if cache["s"] is not None:
-            HU *= cache["s"][:, None, :]
+            HU *= cache["s"]
         return HU / HU.dtype.type(cache["N"])
 
 

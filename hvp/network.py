@@ -69,7 +69,7 @@ class Sequential:
         rng = np.random.default_rng(seed)
         theta = np.empty(self.num_params, dtype=dtype)
         for layer, entries in zip(self.layers, self._slices):
-            for name, start, stop, shape in entries:
+            for _, start, stop, _ in entries:
                 bound = 1 / np.sqrt(layer.in_features)
                 theta[start:stop] = rng.uniform(-bound, bound, size=stop - start)
         return theta
@@ -79,20 +79,21 @@ class Sequential:
 
         Parameters
         ----------
-        theta : ndarray, shape (num_params,) or (num_params, k)
-            With a trailing k axis (a block of directions) every view gets it too.
+        theta : ndarray, shape (num_params,) or (k, num_params)
+            With a leading k axis (k vectors in parameter space, as rows) every
+            view gets it too.
 
         Returns
         -------
         list of dict
-            ``{"weight": (in, out[, k]), "bias": (out[, k])}`` for Linear layers,
+            ``{"weight": ([k,] in, out), "bias": ([k,] out)}`` for Linear layers,
             ``{}`` for parameter-free layers.
         """
-        if not isinstance(theta, np.ndarray) or theta.ndim not in (1, 2) or theta.shape[0] != self.num_params:
-            raise ValueError(f"expected an array of shape ({self.num_params},) or ({self.num_params}, k), "
+        if not isinstance(theta, np.ndarray) or theta.ndim not in (1, 2) or theta.shape[-1] != self.num_params:
+            raise ValueError(f"expected an array of shape ({self.num_params},) or (k, {self.num_params}), "
                              f"got {describe(theta)}")
-        trailing = theta.shape[1:]
-        return [{name: theta[start:stop].reshape(shape + trailing) for name, start, stop, shape in entries}
+        leading = theta.shape[:-1]
+        return [{name: theta[..., start:stop].reshape(leading + shape) for name, start, stop, shape in entries}
                 for entries in self._slices]
 
     def weight_mask(self):

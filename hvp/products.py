@@ -9,7 +9,7 @@ Blocks of k directions travel together along the k axis (DESIGN.md §1).
 
 import numpy as np
 
-from ._checks import check_direction, check_inputs, check_l2, check_theta, describe, real_array
+from ._checks import check_direction, check_finite, check_inputs, check_l2, check_theta, describe, real_array
 
 
 def _prepare(net, loss, theta, X, y, l2):
@@ -19,12 +19,11 @@ def _prepare(net, loss, theta, X, y, l2):
 
 
 def _backward(net, params, caches, DO, keep_adjoints=False):
-    """Rule 2 from the outputs to θ: gradient (P,) for DO (B, C), or (P, k) for DO (B, k, C).
+    """Rule 2 from the outputs to θ: gradient (P,) for DO (B, C), or (k, P) for DO (k, B, C).
 
     With ``keep_adjoints``, also returns the adjoint of every layer's output.
     """
-    P = net.num_params
-    grad = np.empty((P,) + DO.shape[1:-1], dtype=DO.dtype)
+    grad = np.empty(DO.shape[:-2] + (net.num_params,), dtype=DO.dtype)
     views = net.unflatten(grad)
     adjoints = [None] * len(net.layers)
     for i in reversed(range(len(net.layers))):
@@ -111,46 +110,44 @@ class Linearization:
 
     # -- directions ---------------------------------------------------------
 
-    def _block(self, name, v):
-        """v (P,) or (P, k) as a (P, k) block in θ's dtype, and whether it was 1-D."""
-        v = check_direction(name, v, self.net.num_params, self.theta.dtype)
-        return (v[:, None] if v.ndim == 1 else v), v.ndim == 1
+    def _rows(self, v):
+        """v (P,) or (P, k) as k contiguous rows (k, P) in θ's dtype, and whether it was 1-D."""
+        v = check_direction("v", v, self.net.num_params, self.theta.dtype)
+        return (v[None] if v.ndim == 1 else np.ascontiguousarray(v.T)), v.ndim == 1
 
     def _tangents(self, V):
-        """Rule 3 through the network: per-layer input tangents and the output tangent (B, k, C)."""
+        """Rule 3 through the network for rows V (k, P): each layer's input tangent, output tangent (k, B, C)."""
         dps = self.net.unflatten(V)
         inputs, dI = [], None
         for layer, p, cache, dp in zip(self.net.layers, self.params, self.caches, dps):
             inputs.append(dI)
             dI = layer.tangent(p, cache, dI, dp or None)
-        if dI is None:  # a network whose parameters all sit behind nothing: J = 0
-            dI = np.zeros((self.outputs.shape[0], V.shape[1], self.outputs.shape[1]), self.theta.dtype)
         return dps, inputs, dI
 
-    def _curvature_product(self, v, name, exact):
-        V, was_vector = self._block(name, v)
+    def _curvature_product(self, v, exact):
+        V, was_vector = self._rows(v)
         dps, tangent_inputs, dO = self._tangents(V)
         RDO = self.loss_fn.hessian_vp(self.loss_cache, dO)
-        out = np.empty(V.shape, dtype=self.theta.dtype)
+        out = np.empty_like(V)
         views = self.net.unflatten(out)
         for i in reversed(range(len(self.net.layers))):
             layer, p, cache = self.net.layers[i], self.params[i], self.caches[i]
             grads = layer.backward_params(p, cache, RDO)
             DI_cross = None
-            if exact:  # the σ″ and Ẇ/İ terms of rule 4, with DOD = δ of this layer's output
+            if exact:  # rule 4's σ″ and Ẇ/İ cross terms, with DOD = δ at this layer's output
                 DI_cross, g_cross = layer.tangent_backward(p, cache, tangent_inputs[i], dps[i] or None,
-                                                           self.adjoints[i])
-                if g_cross:
-                    grads = {key: g + g_cross[key] if key in g_cross else g for key, g in grads.items()}
-            for key, g in grads.items():
-                views[i][key][...] = g
+                                                           self.adjoints[i], need_input=i > 0)
+                for name, g in (g_cross or {}).items():
+                    grads[name] += g
+            for name, g in grads.items():
+                views[i][name][...] = g
             if i > 0:
                 RDO = layer.backward_input(p, cache, RDO)
                 if DI_cross is not None:
-                    RDO = RDO + DI_cross
+                    RDO += DI_cross
         if self.l2:
-            out[self.weight_mask] += self.theta.dtype.type(self.l2) * V[self.weight_mask]
-        return out[:, 0] if was_vector else out
+            out[:, self.weight_mask] += self.theta.dtype.type(self.l2) * V[:, self.weight_mask]
+        return out[0] if was_vector else out.T
 
     # -- products -----------------------------------------------------------
 
@@ -166,14 +163,14 @@ class Linearization:
         -------
         ndarray, shape of ``v``, dtype of θ
         """
-        return self._curvature_product(v, "v", exact=True)
+        return self._curvature_product(v, exact=True)
 
     def ggnvp(self, v):
         """Generalized Gauss-Newton product ``(Jᵀ ∇²ℓ J + l2·diag(weight mask)) v``.
 
         Positive semi-definite for the convex losses here. Same shapes as :meth:`hvp`.
         """
-        return self._curvature_product(v, "v", exact=False)
+        return self._curvature_product(v, exact=False)
 
     def jvp(self, v):
         """Output tangents ``J v``, J = ∂O/∂θ.
@@ -186,9 +183,11 @@ class Linearization:
         -------
         ndarray, shape (B, C) for v (P,), (B, k, C) for v (P, k)
         """
-        V, was_vector = self._block("v", v)
+        V, was_vector = self._rows(v)
         dO = self._tangents(V)[2]
-        return dO[:, 0] if was_vector else dO
+        if dO is None:  # no parameter lies before any layer that passes a tangent on
+            dO = np.zeros((V.shape[0],) + self.outputs.shape, dtype=V.dtype)
+        return dO[0] if was_vector else np.ascontiguousarray(dO.transpose(1, 0, 2))
 
     def vjp(self, u):
         """``Jᵀ u``, J = ∂O/∂θ (no loss, no L2 term).
@@ -205,4 +204,7 @@ class Linearization:
         u = real_array("u", u, self.theta.dtype)
         if u.ndim not in (2, 3) or u.shape[0] != B or u.shape[-1] != C:
             raise ValueError(f"u must have shape ({B}, {C}) or ({B}, k, {C}), got {describe(u)}")
-        return _backward(self.net, self.params, self.caches, u)
+        check_finite("u", u)
+        if u.ndim == 2:
+            return _backward(self.net, self.params, self.caches, u)
+        return _backward(self.net, self.params, self.caches, np.ascontiguousarray(u.transpose(1, 0, 2))).T

@@ -1,0 +1,176 @@
+"""Time hvp's products against the gradient, and against PyTorch and JAX on the identical problem.
+
+MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 and
+float64. Prints medians and ratios measured side by side in this one run; PyTorch and
+JAX rows appear when they are installed.
+
+    python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64]
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+WIDTHS = (784, 512, 256, 10)
+BATCH = 256
+
+
+def median_seconds(fn, repeats, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def problem(dtype, seed=0):
+    import hvp
+
+    layers = []
+    for i, (m, n) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+        layers.append(hvp.Linear(m, n))
+        if i < len(WIDTHS) - 2:
+            layers.append(hvp.Tanh())
+    net = hvp.Sequential(*layers)
+    rng = np.random.default_rng(seed)
+    theta = net.init(seed=seed, dtype=dtype)
+    X = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype)
+    y = rng.integers(0, WIDTHS[-1], size=BATCH)
+    v = rng.normal(size=net.num_params).astype(dtype)
+    V = rng.normal(size=(net.num_params, 16)).astype(dtype)
+    return net, theta, X, y, v, V
+
+
+def time_hvp(dtype, repeats):
+    import hvp
+
+    net, theta, X, y, v, V = problem(dtype)
+    loss = hvp.CrossEntropyLoss()
+    pt = hvp.linearize(net, loss, theta, X, y)
+    return {
+        "gradient": median_seconds(lambda: hvp.loss_and_grad(net, loss, theta, X, y), repeats),
+        "linearize + hvp (once)": median_seconds(lambda: hvp.linearize(net, loss, theta, X, y).hvp(v), repeats),
+        "hvp (repeated)": median_seconds(lambda: pt.hvp(v), repeats),
+        "ggnvp (repeated)": median_seconds(lambda: pt.ggnvp(v), repeats),
+        "hvp, (P, 16) block": median_seconds(lambda: pt.hvp(V), max(5, repeats // 4)),
+    }
+
+
+def time_torch(dtype, repeats, threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    net, theta, X, y, v, _ = problem(dtype)
+    tdtype = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
+    views = net.unflatten(theta)
+    params = [torch.tensor(a, dtype=tdtype, requires_grad=True) for p in views for a in p.values()]
+    vs = [torch.tensor(a, dtype=tdtype) for p in net.unflatten(v) for a in p.values()]
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+
+    def loss_fn():
+        h = Xt
+        for i in range(0, len(params), 2):
+            h = h @ params[i] + params[i + 1]
+            if i + 2 < len(params):
+                h = torch.tanh(h)
+        return torch.nn.functional.cross_entropy(h, yt)
+
+    def grad():
+        return torch.autograd.grad(loss_fn(), params)
+
+    def hvp_once():
+        g = torch.autograd.grad(loss_fn(), params, create_graph=True)
+        return torch.autograd.grad(g, params, vs)
+
+    g = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    return {
+        "gradient": median_seconds(grad, repeats),
+        "linearize + hvp (once)": median_seconds(hvp_once, repeats),
+        "hvp (repeated)": median_seconds(lambda: torch.autograd.grad(g, params, vs, retain_graph=True), repeats),
+    }
+
+
+def time_jax(dtype, repeats):
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", dtype == np.float64)
+    net, theta, X, y, v, _ = problem(dtype)
+    params = [tuple(jnp.asarray(a) for a in p.values()) for p in net.unflatten(theta) if p]
+    vs = [tuple(jnp.asarray(a) for a in p.values()) for p in net.unflatten(v) if p]
+    Xj, yj = jnp.asarray(X), jnp.asarray(y)
+
+    def loss_fn(params):
+        h = Xj
+        for i, (W, b) in enumerate(params):
+            h = h @ W + b
+            if i + 1 < len(params):
+                h = jnp.tanh(h)
+        logp = jax.nn.log_softmax(h)
+        return -jnp.mean(jnp.take_along_axis(logp, yj[:, None], axis=1))
+
+    grad = jax.jit(jax.grad(loss_fn))
+    hvp_once = jax.jit(lambda p, d: jax.jvp(jax.grad(loss_fn), (p,), (d,))[1])
+    _, hvp_lin = jax.linearize(jax.grad(loss_fn), params)
+    hvp_lin = jax.jit(hvp_lin)
+
+    def block(fn):
+        return lambda: jax.block_until_ready(fn())
+
+    return {
+        "gradient": median_seconds(block(lambda: grad(params)), repeats),
+        "linearize + hvp (once)": median_seconds(block(lambda: hvp_once(params, vs)), repeats),
+        "hvp (repeated)": median_seconds(block(lambda: hvp_lin(vs)), repeats),
+    }
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    args = parser.parse_args()
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; "
+          f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, cross-entropy; medians of {args.repeats}")
+    for name in args.dtypes:
+        dtype = np.dtype(name).type
+        ours = time_hvp(dtype, args.repeats)
+        peers = {"PyTorch": time_torch(dtype, args.repeats, args.threads), "JAX": time_jax(dtype, args.repeats)}
+        peers = {k: t for k, t in peers.items() if t is not None}
+        print(f"\n{name}")
+        header = f"{'quantity':<24}{'hvp ms':>9}{'÷ grad':>8}"
+        for peer in peers:
+            header += f"{peer + ' ms':>13}{'hvp ÷ ' + peer:>14}"
+        print(header)
+        for key, t in ours.items():
+            row = f"{key:<24}{1e3 * t:>9.2f}{t / ours['gradient']:>8.2f}"
+            for times in peers.values():
+                row += f"{1e3 * times[key]:>13.2f}{t / times[key]:>14.2f}" if key in times else f"{'':>27}"
+            print(row)
+        block = ours["hvp, (P, 16) block"] / ours["hvp (repeated)"]
+        print(f"(P, 16) block ÷ one column: {block:.2f}")
+
+
+if __name__ == "__main__":
+    main()
