@@ -18,15 +18,18 @@ WIDTHS = (784, 512, 256, 10)
 BATCH = 256
 
 
-def median_seconds(fn, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_seconds(fns, repeats, warmup=3):
+    """Median wall time of each callable, timed in interleaved rounds so that drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def problem(dtype, seed=0):
@@ -47,22 +50,22 @@ def problem(dtype, seed=0):
     return net, theta, X, y, v, V
 
 
-def time_hvp(dtype, repeats):
+def ours(dtype):
     import hvp
 
     net, theta, X, y, v, V = problem(dtype)
     loss = hvp.CrossEntropyLoss()
     pt = hvp.linearize(net, loss, theta, X, y)
     return {
-        "gradient": median_seconds(lambda: hvp.loss_and_grad(net, loss, theta, X, y), repeats),
-        "linearize + hvp (once)": median_seconds(lambda: hvp.linearize(net, loss, theta, X, y).hvp(v), repeats),
-        "hvp (repeated)": median_seconds(lambda: pt.hvp(v), repeats),
-        "ggnvp (repeated)": median_seconds(lambda: pt.ggnvp(v), repeats),
-        "hvp, (P, 16) block": median_seconds(lambda: pt.hvp(V), max(5, repeats // 4)),
+        "gradient": lambda: hvp.loss_and_grad(net, loss, theta, X, y),
+        "linearize + hvp (once)": lambda: hvp.linearize(net, loss, theta, X, y).hvp(v),
+        "hvp (repeated)": lambda: pt.hvp(v),
+        "ggnvp (repeated)": lambda: pt.ggnvp(v),
+        "hvp, (P, 16) block": lambda: pt.hvp(V),
     }
 
 
-def time_torch(dtype, repeats, threads):
+def torch_products(dtype, threads):
     try:
         import torch
     except ImportError:
@@ -92,13 +95,13 @@ def time_torch(dtype, repeats, threads):
 
     g = torch.autograd.grad(loss_fn(), params, create_graph=True)
     return {
-        "gradient": median_seconds(grad, repeats),
-        "linearize + hvp (once)": median_seconds(hvp_once, repeats),
-        "hvp (repeated)": median_seconds(lambda: torch.autograd.grad(g, params, vs, retain_graph=True), repeats),
+        "gradient": grad,
+        "linearize + hvp (once)": hvp_once,
+        "hvp (repeated)": lambda: torch.autograd.grad(g, params, vs, retain_graph=True),
     }
 
 
-def time_jax(dtype, repeats):
+def jax_products(dtype):
     try:
         import jax
         import jax.numpy as jnp
@@ -128,9 +131,9 @@ def time_jax(dtype, repeats):
         return lambda: jax.block_until_ready(fn())
 
     return {
-        "gradient": median_seconds(block(lambda: grad(params)), repeats),
-        "linearize + hvp (once)": median_seconds(block(lambda: hvp_once(params, vs)), repeats),
-        "hvp (repeated)": median_seconds(block(lambda: hvp_lin(vs)), repeats),
+        "gradient": block(lambda: grad(params)),
+        "linearize + hvp (once)": block(lambda: hvp_once(params, vs)),
+        "hvp (repeated)": block(lambda: hvp_lin(vs)),
     }
 
 
@@ -145,30 +148,45 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
+def blas_kernel():
+    """The kernel OpenBLAS picked (OPENBLAS_CORETYPE overrides it), when threadpoolctl can tell."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS kernel unknown"
+    blas = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    if not blas:
+        return "BLAS kernel unknown"
+    return f"{blas[0].get('internal_api')} {blas[0].get('architecture')}, {blas[0].get('num_threads')} threads"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     args = parser.parse_args()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__} ({blas_kernel()}); "
           f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, cross-entropy; medians of {args.repeats}")
     for name in args.dtypes:
         dtype = np.dtype(name).type
-        ours = time_hvp(dtype, args.repeats)
-        peers = {"PyTorch": time_torch(dtype, args.repeats, args.threads), "JAX": time_jax(dtype, args.repeats)}
-        peers = {k: t for k, t in peers.items() if t is not None}
+        providers = {"hvp": ours(dtype), "PyTorch": torch_products(dtype, args.threads), "JAX": jax_products(dtype)}
+        fns = {(who, key): fn for who, table in providers.items() if table for key, fn in table.items()}
+        times = median_seconds(fns, args.repeats)
+        ours_t = {key: t for (who, key), t in times.items() if who == "hvp"}
+        peers = {who: {key: t for (w, key), t in times.items() if w == who}
+                 for who, table in providers.items() if table and who != "hvp"}
         print(f"\n{name}")
         header = f"{'quantity':<24}{'hvp ms':>9}{'÷ grad':>8}"
         for peer in peers:
             header += f"{peer + ' ms':>13}{'hvp ÷ ' + peer:>14}"
         print(header)
-        for key, t in ours.items():
-            row = f"{key:<24}{1e3 * t:>9.2f}{t / ours['gradient']:>8.2f}"
+        for key, t in ours_t.items():
+            row = f"{key:<24}{1e3 * t:>9.2f}{t / ours_t['gradient']:>8.2f}"
             for times in peers.values():
                 row += f"{1e3 * times[key]:>13.2f}{t / times[key]:>14.2f}" if key in times else f"{'':>27}"
             print(row)
-        block = ours["hvp, (P, 16) block"] / ours["hvp (repeated)"]
+        block = ours_t["hvp, (P, 16) block"] / ours_t["hvp (repeated)"]
         print(f"(P, 16) block ÷ one column: {block:.2f}")
 
 

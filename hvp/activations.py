@@ -62,7 +62,7 @@ class Elementwise:
         """Rule 2: ``DI = σ′(I) ⊙ DO``; DO (..., B, n)."""
         return self._d1(cache) * DO
 
-    def backward_params(self, p, cache, DO):
+    def backward_params(self, p, cache, DO, out=None):
         return {}
 
     def tangent(self, p, cache, dI, dp):

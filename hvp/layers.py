@@ -10,7 +10,7 @@ rule                  method                                       shapes
 ====================  ===========================================  ==========================================
 1 forward             ``forward(p, I) -> (O, cache)``              I (B, m) -> O (B, n)
 2 backward            ``backward_input(p, cache, DO) -> DI``       DO (..., B, n) -> DI (..., B, m)
-                      ``backward_params(p, cache, DO) -> dict``    DO (B, n) -> like ``p``;
+                      ``backward_params(p, cache, DO[, out])``     DO (B, n) -> dict like ``p``;
                                                                    DO (k, B, n) -> (k, *shape) per direction
 3 tangent             ``tangent(p, cache, dI, dp) -> dO``          dI (k, B, m), dp {name: (k, *shape)} -> (k, B, n)
 4 tangent backward    ``tangent_backward(p, cache, dI, dp, DOD,    DOD (B, n) or (k, B, n) -> DI_k (k, B, m)
@@ -76,16 +76,17 @@ class Linear:
         W = p["weight"]
         return (DO.reshape(-1, W.shape[1]) @ W.T).reshape(DO.shape[:-1] + (W.shape[0],))
 
-    def backward_params(self, p, I, DO):
-        """Rule 2: ``DW = Iᵀ DO``, ``Db = Σ_b DO``.
+    def backward_params(self, p, I, DO, out=None):
+        """Rule 2: ``DW = Iᵀ DO``, ``Db = Σ_b DO``, written into ``out`` if given.
 
         DO (B, n) gives weight (m, n) and bias (n,); DO (k, B, n) gives one
         gradient per direction, weight (k, m, n) and bias (k, n).
         """
-        grads = {"weight": np.matmul(I.T, DO)}
+        out = {} if out is None else out
+        out["weight"] = np.matmul(I.T, DO, out=out.get("weight"))
         if self.bias:
-            grads["bias"] = DO.sum(axis=-2)
-        return grads
+            out["bias"] = np.sum(DO, axis=-2, out=out.get("bias"))
+        return out
 
     def tangent(self, p, I, dI, dp):
         """Rule 3: ``Ȯ_k = İ_k W + I Ẇ_k + ḃ_k``; dI (k, B, m), Ẇ (k, m, n) -> dO (k, B, n)."""
@@ -95,7 +96,10 @@ class Linear:
             from_params = np.matmul(I, dp["weight"])
             if self.bias:
                 from_params += dp["bias"][:, None, :]
-            dO = from_params if dO is None else dO + from_params
+            if dO is None:
+                dO = from_params
+            else:
+                dO += from_params
         return dO
 
     def tangent_backward(self, p, I, dI, dp, DOD, need_input=True):

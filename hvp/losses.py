@@ -2,7 +2,9 @@
 
 Loss contract: ``check_target(y, O)`` validates and converts the target,
 ``forward(O, y) -> (value, cache)``, ``backward(cache) -> ∇_O ℓ`` (B, C) and
-``hessian_vp(cache, U) -> ∇²_O ℓ [U]`` for U (k, B, C). With ``reduction="mean"``
+``hessian_vp(cache, U) -> ∇²_O ℓ [U]`` for U (k, B, C); ``hessian_sqrt(cache)`` and
+``sample_hessian_sqrt(cache, M, rng)`` give factors S (K, B, C) with ``∇²ℓ_b = Σ_k S_kb S_kbᵀ``
+(exactly, or in expectation), for GGN diagonals. With ``reduction="mean"``
 the per-example terms are divided by ``normalizer`` (B for cross-entropy, B·C
 for MSE, as ``torch.nn``); with ``"sum"`` they are added.
 """
@@ -79,6 +81,63 @@ class CrossEntropyLoss:
             HU *= cache["s"]
         return HU / HU.dtype.type(cache["N"])
 
+    def _sqrt_weight(self, cache):
+        """``√(s_b/N)``: a scalar for labels, (B, 1) for probability targets (rows summing to s_b >= 0)."""
+        s, N = cache["s"], cache["N"]
+        if s is None:
+            return cache["p"].dtype.type(np.sqrt(1 / N))
+        if (s < 0).any():
+            raise ValueError(f"a square root of the loss Hessian needs probability targets whose rows sum to "
+                             f">= 0, got a row sum of {float(s.min())}")
+        return np.sqrt(s / s.dtype.type(N))
+
+    def hessian_sqrt(self, cache):
+        """Factor S of the Hessian at the outputs: ``∇²ℓ_b = Σ_k S_kb S_kbᵀ`` with C columns.
+
+        ``S_kb = √(s_b/N) √p_bk (e_k − p_b)``, so ``Σ_k S_kb S_kbᵀ = s_b (diag p_b − p_b p_bᵀ)/N``.
+
+        Returns
+        -------
+        S : ndarray, shape (C, B, C)
+            Column k of example b is ``S[k, b]``.
+        """
+        p = cache["p"]
+        C = p.shape[1]
+        sqrt_p = np.sqrt(p).T
+        S = -sqrt_p[:, :, None] * p  # S[k, b, c] = −√p_bk p_bc
+        S[np.arange(C), :, np.arange(C)] += sqrt_p
+        S *= self._sqrt_weight(cache)
+        return S
+
+    def sample_hessian_sqrt(self, cache, num_samples, rng):
+        """Random factor S with ``E[Σ_k S_kb S_kbᵀ] = ∇²ℓ_b`` from labels sampled from the model.
+
+        ``S_kb = √(s_b/(N·M)) (p_b − e_ŷ)`` with ``ŷ ~ Categorical(p_b)`` drawn afresh for each
+        of the M columns: ``E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag p − p pᵀ``. The factor ``√s_b``
+        carries the total mass of a probability target (1 for labels and normalized rows).
+
+        Parameters
+        ----------
+        cache : dict
+            From :meth:`forward`.
+        num_samples : int
+            M, the number of sampled labels per example.
+        rng : numpy.random.Generator
+
+        Returns
+        -------
+        S : ndarray, shape (M, B, C)
+        """
+        p = cache["p"]
+        B, C = p.shape
+        cdf = np.cumsum(p, axis=1, dtype=np.float64)
+        u = rng.random((num_samples, B)) * cdf[:, -1]
+        labels = (u[:, :, None] >= cdf).sum(axis=2)  # smallest c with cdf_c > u
+        S = np.repeat(p[None], num_samples, axis=0)
+        S[np.arange(num_samples)[:, None], np.arange(B), labels] -= 1
+        S *= self._sqrt_weight(cache) * p.dtype.type(np.sqrt(1 / num_samples))
+        return S
+
 
 class MSELoss:
     """Mean squared error ``ℓ = Σ_bc (O_bc − Y_bc)² / N`` (``torch.nn.MSELoss``).
@@ -113,3 +172,41 @@ class MSELoss:
 
     def hessian_vp(self, cache, U):
         return U * U.dtype.type(2 / cache["N"])
+
+    def hessian_sqrt(self, cache):
+        """Factor S of the Hessian at the outputs: ``∇²ℓ_b = 2/N · I = Σ_k S_kb S_kbᵀ``, ``S_kb = √(2/N) e_k``.
+
+        Returns
+        -------
+        S : ndarray, shape (C, B, C)
+            Column k of example b is ``S[k, b]``.
+        """
+        r = cache["r"]
+        C = r.shape[1]
+        S = np.zeros((C,) + r.shape, dtype=r.dtype)
+        S[np.arange(C), :, np.arange(C)] = np.sqrt(2 / cache["N"])
+        return S
+
+    def sample_hessian_sqrt(self, cache, num_samples, rng):
+        """Random factor S with ``E[Σ_k S_kb S_kbᵀ] = 2/N · I``: ``S_kb = √(2/(N·M)) z``, ``z ~ N(0, I)``.
+
+        This is ``√(N/M)`` times the loss gradient ``2(O − ŷ)/N`` at targets ``ŷ ~ N(O, I/2)``,
+        the Gaussian whose negative log-likelihood is the squared error (up to a constant):
+        its variance 1/2 is what makes ``E[S Sᵀ]`` the exact Hessian, so that the
+        Monte-Carlo GGN diagonal is unbiased.
+
+        Parameters
+        ----------
+        cache : dict
+            From :meth:`forward`.
+        num_samples : int
+            M, the number of sampled targets per example.
+        rng : numpy.random.Generator
+
+        Returns
+        -------
+        S : ndarray, shape (M, B, C)
+        """
+        r = cache["r"]
+        z = rng.standard_normal((num_samples,) + r.shape).astype(r.dtype, copy=False)
+        return z * r.dtype.type(np.sqrt(2 / (cache["N"] * num_samples)))

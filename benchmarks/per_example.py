@@ -1,0 +1,226 @@
+"""Time hvp's per-example quantities against the gradient, and against BackPACK on the identical problem.
+
+MLP 784-512-256-10 with tanh (the network of benchmarks/products.py), batch 256, softmax
+cross-entropy (mean), float32, no L2 term. Each quantity is timed together with its
+linearization (``linearize`` + the quantity: one forward and backward pass), as a BackPACK
+extension is timed with its forward and backward pass. Every round runs each timed function
+once, in turn; the table shows medians over the rounds, ratios to the gradient of the same
+library, our time over BackPACK's, and the peak memory allocated during one call (tracemalloc
+for hvp, torch's profiler for BackPACK). A last block checks that both libraries computed the
+same numbers.
+
+    python benchmarks/per_example.py [--repeats 15] [--threads 2]
+"""
+
+import argparse
+import os
+import platform
+import time
+import tracemalloc
+
+import numpy as np
+
+WIDTHS = (784, 512, 256, 10)
+BATCH = 256
+QUANTITIES = ("sum_grad_squared", "variance", "batch_l2", "batch_grad", "diag_ggn", "diag_ggn_mc")
+TARGETS = {"sum_grad_squared": 1.4, "variance": 1.4, "batch_l2": 1.1, "diag_ggn": 2.5}  # × gradient
+BACKPACK_NAMES = {"sum_grad_squared": "SumGradSquared", "variance": "Variance", "batch_l2": "BatchL2Grad",
+                  "batch_grad": "BatchGrad", "diag_ggn": "DiagGGNExact", "diag_ggn_mc": "DiagGGNMC"}
+BACKPACK_ATTRS = {"sum_grad_squared": "sum_grad_squared", "variance": "variance", "batch_l2": "batch_l2",
+                  "batch_grad": "grad_batch", "diag_ggn": "diag_ggn_exact", "diag_ggn_mc": "diag_ggn_mc"}
+
+
+def problem(dtype=np.float32, seed=0):
+    """The network, θ, X and labels of benchmarks/products.py."""
+    import hvp
+
+    layers = []
+    for i, (m, n) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+        layers.append(hvp.Linear(m, n))
+        if i < len(WIDTHS) - 2:
+            layers.append(hvp.Tanh())
+    net = hvp.Sequential(*layers)
+    rng = np.random.default_rng(seed)
+    theta = net.init(seed=seed, dtype=dtype)
+    X = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype)
+    y = rng.integers(0, WIDTHS[-1], size=BATCH)
+    return net, theta, X, y
+
+
+def ours(net, theta, X, y):
+    """Name -> function of no arguments, for hvp."""
+    import hvp
+
+    loss = hvp.CrossEntropyLoss()
+    fns = {"gradient": lambda: hvp.loss_and_grad(net, loss, theta, X, y),
+           "linearize": lambda: hvp.linearize(net, loss, theta, X, y),
+           "write B·P numbers": lambda: np.full((BATCH, net.num_params), 1.0, dtype=theta.dtype)}
+    for name in QUANTITIES:
+        fns[name] = lambda name=name: getattr(hvp.linearize(net, loss, theta, X, y), name)()
+    return fns
+
+
+def backpack_setup(net, theta, X, y, threads):
+    """Name -> function of no arguments, for BackPACK on the same problem; None if not installed."""
+    try:
+        import backpack
+        import backpack.extensions as ext
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    modules = []
+    for layer, p in zip(net.layers, net.unflatten(theta)):
+        if p:
+            linear = torch.nn.Linear(layer.in_features, layer.out_features)
+            with torch.no_grad():  # our W is (in, out), torch's weight is (out, in)
+                linear.weight.copy_(torch.from_numpy(p["weight"].T.copy()))
+                linear.bias.copy_(torch.from_numpy(p["bias"].copy()))
+            modules.append(linear)
+        else:
+            modules.append(torch.nn.Tanh())
+    model = backpack.extend(torch.nn.Sequential(*modules))
+    lossfunc = backpack.extend(torch.nn.CrossEntropyLoss())
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def run(extension=None):
+        model.zero_grad(set_to_none=True)
+        value = lossfunc(model(Xt), yt)
+        if extension is None:
+            value.backward()
+        else:
+            with backpack.backpack(extension):
+                value.backward()
+        return model
+
+    fns = {"gradient": run}
+    for name, cls in BACKPACK_NAMES.items():
+        fns[name] = lambda cls=cls: run(getattr(ext, cls)())
+    return fns
+
+
+def torch_peak_bytes(fn):
+    """Peak bytes allocated by torch during one call, from torch's profiler memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def numpy_peak_bytes(fn):
+    """Peak bytes allocated (numpy arrays included) during one call, from tracemalloc."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def medians(fns, repeats, warmup=2):
+    """Median seconds per function; each round calls every function once, in turn."""
+    times = {key: [] for key in fns}
+    for r in range(warmup + repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def backpack_as_ours(model, attr):
+    """A BackPACK result laid out as ours: flat (P,), per-example rows (B, P), or (B,) for batch_l2."""
+    parts = []
+    for module in model:
+        if hasattr(module, "weight"):
+            W, b = getattr(module.weight, attr).numpy(), getattr(module.bias, attr).numpy()
+            if attr == "batch_l2":  # (B,) per parameter tensor
+                parts += [W + b]
+            elif W.ndim == 3:  # (B, out, in)
+                parts += [W.transpose(0, 2, 1).reshape(W.shape[0], -1), b]
+            else:  # (out, in)
+                parts += [W.T.ravel(), b]
+    return sum(parts) if attr == "batch_l2" else np.concatenate(parts, axis=-1)
+
+
+def agreement(net, theta, X, y, theirs):
+    """Max |ours − theirs| / max |theirs| per quantity (Variance rescaled by B², see README)."""
+    import hvp
+
+    pt = hvp.linearize(net, hvp.CrossEntropyLoss(), theta, X, y)
+    rows = {}
+    for name in ("sum_grad_squared", "variance", "batch_l2", "batch_grad", "diag_ggn"):
+        model = theirs[name]()
+        ref = backpack_as_ours(model, BACKPACK_ATTRS[name]).astype(np.float64)
+        if name == "variance":
+            ref *= BATCH**2
+        got = getattr(pt, name)().astype(np.float64)
+        rows[name] = float(np.abs(got - ref).max() / np.abs(ref).max())
+    return rows
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args()
+    net, theta, X, y = problem()
+    mine = ours(net, theta, X, y)
+    theirs = backpack_setup(net, theta, X, y, args.threads)
+    fns = {("hvp", k): f for k, f in mine.items()}
+    if theirs is not None:
+        fns.update({("BackPACK", k): f for k, f in theirs.items()})
+    t = medians(fns, args.repeats)
+    mem = {k: numpy_peak_bytes(f) for k, f in mine.items()}
+    their_mem = {k: torch_peak_bytes(f) for k, f in theirs.items()} if theirs is not None else {}
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; MLP "
+          f"{'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, float32, cross-entropy (mean), "
+          f"P = {net.num_params}; medians of {args.repeats} rounds")
+    if theirs is None:
+        print("BackPACK is not installed: pip install --no-deps backpack-for-pytorch einops unfoldNd")
+    header = f"{'linearize + quantity':<22}{'hvp ms':>9}{'÷ grad':>8}{'target':>8}{'peak MB':>9}"
+    if theirs is not None:
+        header += f"{'BackPACK ms':>13}{'÷ its grad':>11}{'peak MB':>9}{'hvp ÷ BackPACK':>16}"
+    print(header)
+    grad = t["hvp", "gradient"]
+    for key in mine:
+        target = TARGETS.get(key)
+        if key == "batch_grad":
+            target_text = "≤2×wr"
+        else:
+            target_text = f"≤{target:.1f}" if target else ""
+        row = f"{key:<22}{1e3 * t['hvp', key]:>9.2f}{t['hvp', key] / grad:>8.2f}{target_text:>8}"
+        row += f"{mem[key] / 2**20:>9.1f}"
+        if theirs is not None and key in theirs:
+            tb = t["BackPACK", key]
+            row += f"{1e3 * tb:>13.2f}{tb / t['BackPACK', 'gradient']:>11.2f}{their_mem[key] / 2**20:>9.1f}"
+            row += f"{t['hvp', key] / tb:>16.2f}"
+        print(row)
+    write = t["hvp", "write B·P numbers"]
+    print(f"batch_grad ÷ writing B·P = {BATCH}·{net.num_params} numbers (np.full): "
+          f"{t['hvp', 'batch_grad'] / write:.2f}  (target ≤ 2)")
+    if theirs is not None:
+        print("agreement with BackPACK, max |hvp − BackPACK| / max |BackPACK| (Variance × B²): "
+              + ", ".join(f"{k} {v:.1e}" for k, v in agreement(net, theta, X, y, theirs).items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""A network's loss as ``fun, jac, hessp`` for ``scipy.optimize.minimize``."""
+
+import numpy as np
+
+from ._checks import check_inputs, check_l2, describe
+from .network import Sequential
+from .products import linearize
+
+CURVATURES = ("hessian", "ggn")
+
+
+def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
+    """``fun, jac, hessp`` of ``L(θ) = ℓ(f(θ, X), y) + l2/2·Σ‖W‖²`` for ``scipy.optimize.minimize``.
+
+    The three functions share one linearization per θ: the first call at a new θ runs one
+    forward and one backward pass (:func:`hvp.linearize`); every further call at the same θ
+    (``jac``, any number of ``hessp``) reuses it. Works with the methods "Newton-CG",
+    "trust-ncg", "trust-krylov" (and any method that takes ``jac``).
+
+    Parameters
+    ----------
+    net : Sequential
+    loss : CrossEntropyLoss or MSELoss
+    X : array_like, shape (B, in_features)
+    y : array_like, labels (B,) or targets (B, C)
+    l2 : float
+        Weight of the penalty ``l2/2·Σ‖W‖²`` over weight matrices.
+    curvature : {"hessian", "ggn"}
+        What ``hessp`` multiplies by: the Hessian ``∇²L`` or the Gauss-Newton matrix
+        ``Jᵀ∇²ℓJ + l2·diag(weight mask)``.
+
+    Returns
+    -------
+    fun : callable
+        ``fun(theta) -> float`` for theta (P,).
+    jac : callable
+        ``jac(theta) -> ndarray (P,)``, a fresh array.
+    hessp : callable
+        ``hessp(theta, p) -> ndarray (P,)`` for p (P,).
+
+    Examples
+    --------
+    >>> fun, jac, hessp = hvp.scipy_objective(net, loss, X, y, l2=1e-3)
+    >>> res = scipy.optimize.minimize(fun, theta0, jac=jac, hessp=hessp, method="trust-ncg")
+    """
+    if not isinstance(net, Sequential):
+        raise TypeError(f"net must be an hvp.Sequential, got {describe(net)}")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    X = check_inputs(X, net.in_features, np.float64).copy()  # a private copy: later edits by the caller don't leak in
+    y = np.array(y, copy=True)
+    l2 = check_l2(l2)
+    cache = {"pt": None}
+
+    def at(theta):
+        pt = cache["pt"]
+        if pt is None or pt.theta.shape != np.shape(theta) or not np.array_equal(pt.theta, theta):
+            pt = cache["pt"] = linearize(net, loss, np.asarray(theta), X, y, l2)
+        return pt
+
+    def fun(theta):
+        return at(theta).loss
+
+    def jac(theta):
+        return at(theta).grad.copy()
+
+    def hessp(theta, p):
+        pt = at(theta)
+        return pt.hvp(p) if curvature == "hessian" else pt.ggnvp(p)
+
+    return fun, jac, hessp
