@@ -8,6 +8,7 @@ derivatives so that they may reuse it. The four rules of the layer contract
 - tangent: ``Ȯ = σ′(I) ⊙ İ``
 - backward: ``DI = σ′(I) ⊙ DO``
 - tangent backward: ``DI_k += σ″(I) ⊙ İ_k ⊙ DOD``, ``DİD_k = σ′(I) ⊙ DOD_k``
+  (summed over k for a loss on input tangents: ``DI += σ″(I) ⊙ Σ_k DOD_k ⊙ İ_k``)
 
 σ′ and σ″ are computed at most once per forward pass and kept in the cache.
 A σ″ that is identically zero is returned as the scalar 0, and its terms are
@@ -71,14 +72,19 @@ class Elementwise:
             return None
         return self._d1(cache) * dI
 
-    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True):
-        """Rule 4 cross term: ``DI_k = σ″(I) ⊙ İ_k ⊙ DOD``; DOD (B, n) or (k, B, n) -> (k, B, n)."""
+    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
+        """Rule 4 cross term: ``DI_k = σ″(I) ⊙ İ_k ⊙ DOD``; DOD (B, n) or (k, B, n) -> (k, B, n).
+
+        With ``summed``: ``DI = σ″(I) ⊙ Σ_k DOD_k ⊙ İ_k`` (B, n).
+        """
         if dI is None or not need_input:
             return None, None
         d2 = self._d2(cache)
         if _is_zero(d2):
             return None, None
-        return d2 * DOD * dI, None
+        if not summed:
+            return d2 * DOD * dI, None
+        return d2 * (DOD * dI).sum(axis=0), None
 
 
 class Identity(Elementwise):

@@ -14,7 +14,8 @@ rule                  method                                       shapes
                                                                    DO (k, B, n) -> (k, *shape) per direction
 3 tangent             ``tangent(p, cache, dI, dp) -> dO``          dI (k, B, m), dp {name: (k, *shape)} -> (k, B, n)
 4 tangent backward    ``tangent_backward(p, cache, dI, dp, DOD,    DOD (B, n) or (k, B, n) -> DI_k (k, B, m)
-                      need_input) -> (DI_k, grads_k)``             and {name: (k, *shape)}
+                      need_input, summed=False)                    and {name: (k, *shape)};
+                      -> (DI_k, grads_k)``                         ``summed``: DI (B, m), {name: shape}
 ====================  ===========================================  ==========================================
 
 ``p`` is the layer's dict of parameter views (``net.unflatten``), ``cache``
@@ -26,7 +27,14 @@ Rule 4 is written per direction: for scalars ``T_k`` that depend on ``O`` and
 input and the parameters are ``backward(DO_k)`` plus the cross terms that
 ``tangent_backward`` returns, and the adjoint of the input tangent is
 ``backward_input(DOD)``. The Gauss-Newton product is the same pass without the
-cross terms.
+cross terms. With ``summed=True`` the cross terms come summed over the k
+directions, for one scalar ``L(O, Ȯ_1..Ȯ_k)`` (a loss on input tangents, seed
+002 §2): ``DI = Σ_k (cross term)_k`` and one gradient per parameter.
+
+A tangent may have a batch axis of 1, dI (k, 1, m): the same tangent for every
+example (directions given at the input, with dp None). ``tangent`` and
+``tangent_backward`` broadcast it; a Linear layer keeps it shared, so that
+``İ W`` and ``Σ_k İ_kᵀ DOD_k`` cost k·m·n, not k·B·m·n.
 """
 
 import numpy as np
@@ -102,15 +110,26 @@ class Linear:
                 dO += from_params
         return dO
 
-    def tangent_backward(self, p, I, dI, dp, DOD, need_input=True):
+    def tangent_backward(self, p, I, dI, dp, DOD, need_input=True, summed=False):
         """Rule 4 cross terms: ``DI_k = DOD Ẇ_kᵀ``, ``DW_k = İ_kᵀ DOD``; DOD (B, n) or (k, B, n).
 
         Returns DI_k (k, B, m) (None when zero or not ``need_input``) and
         ``{"weight": (k, m, n)}`` (None when İ is zero; the bias has no cross term).
+        With ``summed``: ``DI = Σ_k DOD_k Ẇ_kᵀ`` (B, m) and ``{"weight": Σ_k İ_kᵀ DOD_k}`` (m, n),
+        the k axis folded into the batch for one matmul.
         """
         DI = grads = None
         if dp is not None and need_input:
             DI = np.matmul(DOD, dp["weight"].transpose(0, 2, 1))
+            if summed:
+                DI = DI.sum(axis=0)
         if dI is not None:
-            grads = {"weight": np.matmul(dI.transpose(0, 2, 1), DOD)}
+            if dI.shape[-2] == 1 and DOD.shape[-2] != 1:  # a tangent shared by all examples
+                DOD = DOD.sum(axis=-2, keepdims=True)
+            if not summed:
+                grads = {"weight": np.matmul(dI.transpose(0, 2, 1), DOD)}
+            elif DOD.ndim == 2:
+                grads = {"weight": dI.sum(axis=0).T @ DOD}
+            else:
+                grads = {"weight": dI.reshape(-1, dI.shape[-1]).T @ DOD.reshape(-1, DOD.shape[-1])}
         return DI, grads
