@@ -14,8 +14,9 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
 
     The three functions share one linearization per θ: the first call at a new θ runs one
     forward and one backward pass (:func:`hvp.linearize`); every further call at the same θ
-    (``jac``, any number of ``hessp``) reuses it. Works with the methods "Newton-CG",
-    "trust-ncg", "trust-krylov" (and any method that takes ``jac``).
+    (``jac``, any number of ``hessp``) reuses it. The two latest points are kept, so that a
+    trust-region method that rejects a trial point goes back to the current one for free.
+    Works with the methods "Newton-CG", "trust-ncg", "trust-krylov" (and any method that takes ``jac``).
 
     Parameters
     ----------
@@ -47,16 +48,20 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
         raise TypeError(f"net must be an hvp.Sequential, got {describe(net)}")
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    X = check_inputs(X, net.in_features, np.float64).copy()  # a private copy: later edits by the caller don't leak in
-    y = np.array(y, copy=True)
+    if not all(hasattr(loss, name) for name in ("forward", "backward", "hessian_vp", "check_target")):
+        raise TypeError(f"loss must be an hvp loss such as hvp.CrossEntropyLoss(), got {describe(loss)}")
+    X = check_inputs(X, net.in_features, np.float64).copy()  # private copies: later edits by the caller don't leak in
+    y = np.array(loss.check_target(y, np.zeros((X.shape[0], net.out_features))), copy=True)
     l2 = check_l2(l2)
-    cache = {"pt": None}
+    recent = []  # the latest linearizations, newest last
 
     def at(theta):
-        pt = cache["pt"]
-        if pt is None or pt.theta.shape != np.shape(theta) or not np.array_equal(pt.theta, theta):
-            pt = cache["pt"] = linearize(net, loss, np.asarray(theta), X, y, l2)
-        return pt
+        for pt in recent:
+            if pt.theta.shape == np.shape(theta) and np.array_equal(pt.theta, theta):
+                return pt
+        recent.append(linearize(net, loss, np.asarray(theta), X, y, l2))
+        del recent[:-2]
+        return recent[-1]
 
     def fun(theta):
         return at(theta).loss

@@ -1,1 +1,15 @@
-"""Optimizers built on hvp's curvature products."""
+"""Optimizers built on hvp's curvature products.
+
+- :class:`NewtonCG`: Hessian-free Newton-CG (Martens 2010) on an hvp network, every part of the
+  recipe switchable; :func:`newton_cg`, the same method for any objective with a Hessian-vector product.
+- :class:`SGD` (with momentum) and :class:`Adam`: first-order baselines with the same interface.
+
+All three take ``(net, loss, theta0, ...)`` and offer ``step(X, y)``, ``minimize(data, ...)``
+(returning a ``scipy.optimize.OptimizeResult``), a per-step ``history``, and ``save(path)`` /
+``load(path, net, loss)`` in ``.npz`` without pickle.
+"""
+
+from .first_order import SGD, Adam
+from .hessian_free import NewtonCG, newton_cg
+
+__all__ = ["NewtonCG", "newton_cg", "SGD", "Adam"]

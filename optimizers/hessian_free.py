@@ -1,0 +1,409 @@
+"""Newton-CG (Hessian-free) optimization: Martens' recipe over hvp's curvature products.
+
+Every part of the recipe is a keyword of :class:`NewtonCG` (and :func:`newton_cg`), on by default:
+
+- curvature ``"ggn"`` (default) or ``"hessian"``, products from one cached linearization per step —
+  Martens 2010, "Deep learning via Hessian-free optimization", ICML, §4.2;
+- Levenberg–Marquardt damping: CG works on ``B + λI`` and λ follows the reduction ratio
+  ``ρ = (f(θ + p) − f(θ)) / (q(p) − q(0))``: ρ < 1/4 → λ·3/2, ρ > 3/4 → λ·2/3 — Martens 2010, §4.1;
+- preconditioned CG, ``M = (diag(Σ_n g_n²) + l2·[weight] + λ)^0.75`` — Martens 2010, §4.7;
+- CG stopped by the relative progress of ``q`` (k = max(10, 0.1·i), ε = 5e-4) or a cap — Martens 2010, §4.4;
+- CG warm-started from the previous run's last iterate × 0.95 — Martens 2010, §4.5, with the decay of
+  Martens & Sutskever 2012, "Training deep and recurrent networks with Hessian-free optimization";
+- CG-iterate backtracking on f over the iterates kept at i = ⌈5·1.3ʲ⌉ — Martens 2010, §4.6;
+- an Armijo backtracking line search (c = 10⁻², α ← 0.8·α) — Martens & Sutskever 2012 (same chapter);
+- a curvature mini-batch, a rotating subset of the gradient batch — Martens 2010, §4.3.
+
+Nothing is lost: a step whose new loss is NaN/Inf, whose ρ <= 0, or whose line search fails is
+rejected — θ stays as it was (it is replaced, never written into, only once a step is accepted),
+λ is raised by 3/2 (from 0: to ‖∇f‖) and the next CG starts from zero.
+"""
+
+import time
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+import hvp
+from hvp._checks import check_inputs, describe
+
+from ._base import Optimizer, check_bool, check_int, check_positive
+from ._cg import pcg
+
+CURVATURES = ("ggn", "hessian")
+DAMPING_UP, DAMPING_DOWN = 3 / 2, 2 / 3
+PRECONDITIONER_EXPONENT = 0.75
+ARMIJO_C, ARMIJO_SHRINK, ARMIJO_MAX_STEPS = 1e-2, 0.8, 30
+
+
+def update_damping(damping, rho):
+    """Levenberg–Marquardt rule: λ·3/2 if ρ < 1/4, λ·2/3 if ρ > 3/4, else λ (Martens 2010, §4.1)."""
+    if rho < 0.25:
+        return damping * DAMPING_UP
+    if rho > 0.75:
+        return damping * DAMPING_DOWN
+    return damping
+
+
+def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack, line_search):
+    """The switches of the recipe, validated, as a dict of keyword arguments of :func:`hf_step`."""
+    if cg_progress_tol is not None:
+        cg_progress_tol = check_positive("cg_progress_tol", cg_progress_tol)
+    warm_start = check_positive("warm_start", warm_start, allow_zero=True)
+    if warm_start > 1:
+        raise ValueError(f"warm_start must lie in [0, 1], got {warm_start!r}")
+    return {"adapt_damping": check_bool("adapt_damping", adapt_damping),
+            "precondition": check_bool("precondition", precondition),
+            "cg_max_iter": check_int("cg_max_iter", cg_max_iter, 1), "cg_progress_tol": cg_progress_tol,
+            "warm_start": warm_start, "backtrack": check_bool("backtrack", backtrack),
+            "line_search": check_bool("line_search", line_search)}
+
+
+def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, precondition, cg_max_iter,
+            cg_progress_tol, warm_start, backtrack, line_search):
+    """One step of Martens' recipe at a point θ.
+
+    Parameters
+    ----------
+    f0 : float
+        ``f(θ)``.
+    g : ndarray, shape (P,)
+        ``∇f(θ)``.
+    curvature : callable
+        ``curvature(v) -> B v`` for v (P,), B the undamped curvature (GGN or Hessian) at θ.
+    objective : callable
+        ``objective(p) -> f(θ + p)`` for p (P,); NaN/Inf allowed.
+    damping : float
+        λ for this step.
+    warm : ndarray (P,) or None
+        The last CG iterate of the previous step.
+    diag : ndarray (P,) or None
+        ``diag(Σ_n g_n²)`` (+ l2 on weights) for the preconditioner.
+    adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack, line_search
+        The recipe's switches (see :class:`NewtonCG`).
+
+    Returns
+    -------
+    step : ndarray (P,) or None
+        ``α p`` to add to θ, or None when the step is rejected.
+    record : dict
+    damping : float
+        λ for the next step.
+    warm : ndarray (P,) or None
+        The last CG iterate, for the next warm start (None after a rejected step).
+    """
+    fevals = 0
+
+    def f(p):
+        nonlocal fevals
+        fevals += 1
+        if not np.isfinite(p).all():
+            return np.inf
+        value = objective(p)
+        return value if np.isfinite(value) else np.inf
+
+    record = {"loss": float(f0), "grad_norm": float(np.linalg.norm(g)), "damping": float(damping),
+              "rho": np.nan, "cg_iters": 0, "cg_stop": "nonfinite loss", "cg_iter_used": 0, "products": 0,
+              "alpha": 0.0, "trial_loss": np.nan, "fevals": 0, "accepted": False}
+    if not (np.isfinite(f0) and np.isfinite(g).all()):
+        return None, record, damping * DAMPING_UP, None
+    x0 = warm * g.dtype.type(warm_start) if warm is not None and warm_start > 0 else None
+    precond = None
+    if precondition and diag is not None:
+        precond = (diag + damping) ** PRECONDITIONER_EXPONENT
+        precond[precond == 0] = 1  # λ = 0, on parameters that no example's gradient touches
+    cg = pcg(lambda v: curvature(v) + g.dtype.type(damping) * v, g, x0, precond, cg_max_iter, cg_progress_tol)
+    # CG-iterate backtracking: from the last kept iterate back while f keeps falling.
+    j = len(cg.iterates) - 1
+    f_new = f(cg.iterates[j][1])
+    while backtrack and j > 0:
+        f_prev = f(cg.iterates[j - 1][1])
+        if not f_prev < f_new:
+            break
+        j, f_new = j - 1, f_prev
+    i_used, p, q_p = cg.iterates[j]
+    rho = (f_new - f0) / q_p if q_p < 0 else np.nan
+    accepted = bool(np.isfinite(f_new) and rho > 0)
+    alpha = 1.0
+    new_damping = update_damping(damping, rho) if adapt_damping and accepted else damping
+    if accepted and line_search:  # Armijo: f(θ + αp) <= f(θ) + c·α·gᵀp
+        slope, tries = float(g @ p), 0
+        while not f_new <= f0 + ARMIJO_C * alpha * slope:
+            if tries == ARMIJO_MAX_STEPS:
+                accepted = False
+                break
+            alpha, tries = alpha * ARMIJO_SHRINK, tries + 1
+            f_new = f(g.dtype.type(alpha) * p)
+    if not accepted:  # raise λ; from 0, to ‖∇f‖ (Levenberg–Marquardt's classic scale)
+        new_damping = damping * DAMPING_UP if damping > 0 else float(np.linalg.norm(g))
+    record.update(rho=float(rho), cg_iters=cg.iterations, cg_stop=cg.stop, cg_iter_used=i_used,
+                  products=cg.products, alpha=alpha if accepted else 0.0, trial_loss=float(f_new),
+                  fevals=fevals, accepted=accepted)
+    step = g.dtype.type(alpha) * p if accepted else None
+    warm = cg.x if accepted and np.isfinite(cg.x).all() else None  # a rejected step's CG solution is dropped
+    return step, record, new_damping, warm
+
+
+class NewtonCG(Optimizer):
+    """Hessian-free Newton-CG (Martens 2010) on an hvp network, every part of the recipe switchable.
+
+    Parameters
+    ----------
+    net : hvp.Sequential
+    loss : hvp.CrossEntropyLoss or hvp.MSELoss
+    theta0 : ndarray, shape (P,), float32 or float64
+        Start; copied, never modified.
+    curvature : {"ggn", "hessian"}
+        Curvature matrix B: the generalized Gauss-Newton matrix (positive semi-definite) or the
+        exact Hessian, whose negative curvature ends CG at the last iterate (Martens 2010, §4.2).
+    damping : float
+        Initial λ > 0 (≥ 0 with ``adapt_damping=False``); CG solves ``(B + λI) p = −∇L``.
+        A rejected step raises λ by 3/2 (from λ = 0: to ``‖∇L‖``).
+    adapt_damping : bool
+        Levenberg–Marquardt update of λ from ρ (Martens 2010, §4.1). Off: λ stays, except that a
+        rejected step still raises it.
+    precondition : bool
+        Diagonal preconditioner ``(diag(Σ_n g_n²) + l2·[weight] + λ)^0.75`` from
+        ``Linearization.sum_grad_squared`` on the gradient batch (Martens 2010, §4.7); entries that
+        come out 0 (λ = 0, a parameter no example's gradient touches) are set to 1.
+    cg_max_iter : int
+        Cap on CG iterations per step.
+    cg_progress_tol : float or None
+        ε of Martens' relative-progress rule, k = max(10, 0.1·i) (Martens 2010, §4.4);
+        None: CG runs to the cap (or until the model is solved to rounding).
+    warm_start : float in [0, 1]
+        CG starts from the previous step's last CG iterate times this (Martens 2010, §4.5; 0.95 as in
+        Martens & Sutskever 2012); 0 starts from zero, as does the step after a rejected one.
+    backtrack : bool
+        Choose among the CG iterates kept at i = ⌈5·1.3ʲ⌉ the one found by walking back from the
+        last while f falls (Martens 2010, §4.6).
+    line_search : bool
+        Armijo backtracking ``f(θ + αp) <= f(θ) + 10⁻²·α·∇Lᵀp``, α ← 0.8·α
+        (Martens & Sutskever 2012, "Training deep and recurrent networks with Hessian-free optimization").
+    curvature_batch : None, int or float
+        Rows of each batch used for curvature products: None for all, an int for that many rows, a
+        float in (0, 1] for that fraction. The rows rotate through the batch from step to step
+        (Martens 2010, §4.3); gradient, loss, ρ and the preconditioner use the whole batch.
+    l2 : float
+        Weight of the penalty ``l2/2·Σ‖W‖²`` in the objective.
+    progress : {None, "bar", "lines"}
+        Nothing, a progress bar (on stderr, in :meth:`minimize`), or one line per step (stdout).
+
+    Attributes
+    ----------
+    theta : ndarray, shape (P,)
+        Current parameters.
+    damping : float
+        Current λ.
+    history : list of dict
+        Per step: ``loss`` (at θ before the step), ``grad_norm``, ``damping`` (λ used), ``rho``,
+        ``cg_iters``, ``cg_stop``, ``cg_iter_used`` (after backtracking), ``products`` (curvature
+        products), ``alpha``, ``trial_loss`` (the last loss evaluated: the new loss when accepted),
+        ``fevals`` (loss evaluations on the batch, the one at θ included), ``accepted``, ``seconds``, ``step``.
+    """
+
+    LINE_FIELDS = (("loss", "loss {:.6e}"), ("grad_norm", "|g| {:.2e}"), ("damping", "λ {:.2e}"),
+                   ("rho", "ρ {:+.3f}"), ("cg_iters", "cg {:4d}"), ("cg_stop", "{:18s}"),
+                   ("alpha", "α {:.3f}"), ("accepted", "accepted {!s:5}"), ("seconds", "{:.3f} s"))
+
+    def __init__(self, net, loss, theta0, *, curvature="ggn", damping=1.0, adapt_damping=True, precondition=True,
+                 cg_max_iter=250, cg_progress_tol=5e-4, warm_start=0.95, backtrack=True, line_search=True,
+                 curvature_batch=None, l2=0.0, progress=None):
+        super().__init__(net, loss, theta0, l2=l2, progress=progress)
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        self.curvature = curvature
+        self.recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start,
+                                   backtrack, line_search)
+        self.initial_damping = check_positive("damping", damping, allow_zero=not self.recipe["adapt_damping"])
+        self.damping = self.initial_damping
+        if curvature_batch is not None:
+            if isinstance(curvature_batch, (float, np.floating)):
+                if not 0 < curvature_batch <= 1:
+                    raise ValueError(f"a fractional curvature_batch must lie in (0, 1], got {curvature_batch!r}")
+                curvature_batch = float(curvature_batch)
+            else:
+                curvature_batch = check_int("curvature_batch", curvature_batch, 1)
+        self.curvature_batch = curvature_batch
+        self._warm = None  # last CG iterate of the previous step
+        self._offset = 0  # first row of the next curvature batch
+
+    def _config(self):
+        return {**super()._config(), **self.recipe, "curvature": self.curvature, "damping": self.initial_damping,
+                "curvature_batch": self.curvature_batch}
+
+    def _state(self):
+        return {"damping": self.damping, "offset": self._offset,
+                "warm": self._warm if self._warm is not None else np.zeros(0, self.theta.dtype)}
+
+    def _set_state(self, arrays):
+        self.damping = float(arrays["damping"])
+        self._offset = int(arrays["offset"])
+        self._warm = arrays["warm"].copy() if arrays["warm"].size else None
+
+    def _curvature_rows(self, B):
+        if self.curvature_batch is None:
+            return B
+        if isinstance(self.curvature_batch, float):
+            return max(1, min(B, round(self.curvature_batch * B)))
+        return min(B, self.curvature_batch)
+
+    def _curvature_operator(self, pt, X, y):
+        """``v -> B v`` on the curvature batch, scaled to the whole batch's loss; and the next offset."""
+        B = X.shape[0]
+        b = self._curvature_rows(B)
+        if b == B:
+            return (pt.ggnvp if self.curvature == "ggn" else pt.hvp), self._offset
+        rows = (self._offset + np.arange(b)) % B
+        cpt = hvp.linearize(self.net, self.loss, self.theta, X[rows], y[rows], 0.0)
+        product = cpt.ggnvp if self.curvature == "ggn" else cpt.hvp
+        # The whole batch's data term ≈ (N_sub / N_all)·(B / b) × the sub-batch's, N the loss normalizers.
+        scale = pt.theta.dtype.type(self.loss.normalizer(cpt.outputs) / self.loss.normalizer(pt.outputs) * B / b)
+        l2, mask = pt.theta.dtype.type(self.l2), pt.weight_mask
+
+        def curvature(v):
+            out = product(v)
+            out *= scale
+            if l2:
+                out[mask] += l2 * v[mask]
+            return out
+
+        return curvature, (self._offset + b) % B
+
+    def _step(self, X, y, gtol):
+        start = time.perf_counter()
+        pt = hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
+        if gtol is not None and np.linalg.norm(pt.grad) <= gtol:
+            return None
+        X = check_inputs(X, self.net.in_features, self.theta.dtype)
+        y = self.loss.check_target(y, pt.outputs)
+        curvature, next_offset = self._curvature_operator(pt, X, y)
+        diag = None
+        if self.recipe["precondition"]:
+            diag = pt.sum_grad_squared()
+            if self.l2:
+                diag[pt.weight_mask] += diag.dtype.type(self.l2)
+        theta, net, loss, l2 = self.theta, self.net, self.loss, self.l2
+
+        def objective(p):
+            trial = theta + p
+            with np.errstate(all="ignore"):
+                O, _ = net.forward_cached(net.unflatten(trial), X)
+                value = loss.forward(O, y)[0]
+                if l2:
+                    w = trial[pt.weight_mask]
+                    value += 0.5 * l2 * float(w @ w)
+            return value
+
+        step, record, damping, warm = hf_step(pt.loss, pt.grad, curvature, objective, self.damping, self._warm,
+                                              diag, **self.recipe)
+        if step is not None:
+            self.theta = theta + step
+        self.damping, self._warm, self._offset = damping, warm, next_offset
+        record["fevals"] += 1  # the loss at θ, from the linearization
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+
+def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adapt_damping=True, precondition=True,
+              cg_max_iter=250, cg_progress_tol=5e-4, warm_start=0.95, backtrack=True, line_search=True,
+              gtol=1e-5, maxiter=100, max_rejections=20, callback=None):
+    """Minimize ``fun`` by Martens' damped Newton-CG, given gradient and Hessian-vector products.
+
+    Parameters
+    ----------
+    fun : callable
+        ``fun(x, *args) -> float`` (or ``(float, gradient)`` with ``jac=True``).
+    x0 : array_like, shape (n,)
+        Start (copied, as float64).
+    jac : callable or True
+        ``jac(x, *args) -> (n,)``; True if ``fun`` returns the gradient too.
+    hessp : callable
+        ``hessp(x, p, *args) -> (n,)``: the curvature (Hessian, or a Gauss-Newton matrix) times p.
+    args : tuple
+        Extra arguments of fun, jac, hessp, hess_diag.
+    hess_diag : callable or None
+        ``hess_diag(x, *args) -> (n,)``, a nonnegative diagonal for the preconditioner
+        ``(hess_diag + λ)^0.75`` (e.g. Σ_n g_n²); None: no preconditioner.
+    damping, adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack, line_search
+        As for :class:`NewtonCG`.
+    gtol : float
+        Stop once ``‖∇f(x)‖₂ <= gtol``.
+    maxiter : int
+        Most outer iterations (accepted or rejected steps).
+    max_rejections : int
+        Stop after this many rejected steps in a row.
+    callback : callable or None
+        ``callback(intermediate_result)`` after each step with an OptimizeResult holding ``x`` and
+        the step's record; returning True stops.
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        ``x``, ``fun``, ``jac``, ``nit``, ``nfev``, ``njev``, ``nhev``, ``status``, ``success``,
+        ``message``, ``history`` (as :attr:`NewtonCG.history`).
+    """
+    if not callable(fun):
+        raise TypeError(f"fun must be callable, got {describe(fun)}")
+    if not (jac is True or callable(jac)):
+        raise TypeError(f"jac must be callable or True, got {describe(jac)}")
+    for name, f in (("hessp", hessp), ("hess_diag", hess_diag), ("callback", callback)):
+        if f is not None and not callable(f):
+            raise TypeError(f"{name} must be callable, got {describe(f)}")
+    if hessp is None:
+        raise TypeError("hessp must be callable: hessp(x, p, *args) -> the curvature times p")
+    x = np.array(x0, dtype=np.float64).ravel()
+    if not np.isfinite(x).all():
+        raise ValueError(f"x0 must be finite, got {describe(x0)}")
+    recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack,
+                          line_search)
+    damping = check_positive("damping", damping, allow_zero=not adapt_damping)
+    gtol = check_positive("gtol", gtol, allow_zero=True)
+    maxiter = check_int("maxiter", maxiter, 0)
+    max_rejections = check_int("max_rejections", max_rejections, 1)
+    counts = {"nfev": 0, "njev": 0, "nhev": 0}
+
+    def value_and_grad(x):
+        counts["nfev"] += 1
+        counts["njev"] += 1
+        f, g = fun(x, *args) if jac is True else (fun(x, *args), jac(x, *args))
+        return float(f), np.asarray(g, dtype=np.float64).ravel()
+
+    def value(x):
+        counts["nfev"] += 1
+        return float(fun(x, *args)[0] if jac is True else fun(x, *args))
+
+    history, warm, rejected = [], None, 0
+    status, message = 1, "maximum number of iterations reached"
+    f0, g = value_and_grad(x)
+    for it in range(maxiter + 1):
+        if np.linalg.norm(g) <= gtol:
+            status, message = 0, f"gradient norm <= gtol = {gtol:g}"
+            break
+        if it == maxiter:
+            break
+        start = time.perf_counter()
+        diag = None
+        if recipe["precondition"] and hess_diag is not None:
+            diag = np.asarray(hess_diag(x, *args), dtype=np.float64).ravel()
+
+        def curvature(v, x=x):
+            counts["nhev"] += 1
+            return np.asarray(hessp(x, v, *args), dtype=np.float64).ravel()
+
+        step, record, damping, warm = hf_step(f0, g, curvature, lambda p, x=x: value(x + p), damping, warm, diag,
+                                              **recipe)
+        if step is not None:
+            x = x + step
+            f0, g = value_and_grad(x)
+        record.update(seconds=time.perf_counter() - start, step=it)
+        history.append(record)
+        rejected = 0 if record["accepted"] else rejected + 1
+        if callback is not None and callback(OptimizeResult(x=x.copy(), **record)) is True:
+            status, message = 3, "stopped by the callback"
+            break
+        if rejected >= max_rejections:
+            status, message = 2, f"{rejected} rejected steps in a row"
+            break
+    return OptimizeResult(x=x, fun=f0, jac=g, nit=len(history), status=status, success=status == 0,
+                          message=message, history=history, **counts)
