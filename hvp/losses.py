@@ -10,6 +10,7 @@ for MSE, as ``torch.nn``); with ``"sum"`` they are added.
 """
 
 import numpy as np
+from scipy.special import expit
 
 from ._checks import check_finite, check_reduction, describe, real_array
 
@@ -92,20 +93,30 @@ class CrossEntropyLoss:
         return np.sqrt(s / s.dtype.type(N))
 
     def hessian_sqrt(self, cache):
-        """Factor S of the Hessian at the outputs: ``∇²ℓ_b = Σ_k S_kb S_kbᵀ`` with C columns.
+        """Factor S of the Hessian at the outputs with C − 1 columns: ``∇²ℓ_b = Σ_k S_kb S_kbᵀ``.
 
-        ``S_kb = √(s_b/N) √p_bk (e_k − p_b)``, so ``Σ_k S_kb S_kbᵀ = s_b (diag p_b − p_b p_bᵀ)/N``.
+        ``A = √(s_b/N)(diag √p − p √pᵀ)`` has ``A Aᵀ = s_b (diag p − p pᵀ)/N`` and ``A √p = 0``;
+        the Householder reflection Q that swaps ``√p`` and ``e_j`` (j = argmin p_b) makes
+        column j of ``AQ`` zero, and the other C − 1 columns are
+        ``S_ib = √(s_b/N) √p_bi [e_i − p_b + √p_bj (e_j − p_b)/(1 − √p_bj)]``, i ≠ j.
 
         Returns
         -------
-        S : ndarray, shape (C, B, C)
+        S : ndarray, shape (C − 1, B, C), or (1, B, 1) of zeros for C = 1
             Column k of example b is ``S[k, b]``.
         """
         p = cache["p"]
-        C = p.shape[1]
-        sqrt_p = np.sqrt(p).T
-        S = -sqrt_p[:, :, None] * p  # S[k, b, c] = −√p_bk p_bc
-        S[np.arange(C), :, np.arange(C)] += sqrt_p
+        B, C = p.shape
+        if C == 1:
+            return np.zeros((1, B, 1), dtype=p.dtype)
+        sqrt_p = np.sqrt(p)
+        rows, j = np.arange(B), np.argmin(p, axis=1)
+        A = sqrt_p.T[:, :, None] * (np.eye(C, dtype=p.dtype)[:, None, :] - p)  # A[i, b] = √p_bi (e_i − p_b)
+        coef = sqrt_p / (1 - sqrt_p[rows, j])[:, None]  # √p_bi / (1 − √p_bj), √p_bj <= 1/√C
+        S_full = A + coef.T[:, :, None] * A[j, rows]
+        keep = np.arange(C - 1)[:, None]
+        keep = keep + (keep >= j)  # the C − 1 indices i ≠ j_b, for every b
+        S = S_full[keep, rows]
         S *= self._sqrt_weight(cache)
         return S
 
@@ -210,3 +221,64 @@ class MSELoss:
         r = cache["r"]
         z = rng.standard_normal((num_samples,) + r.shape).astype(r.dtype, copy=False)
         return z * r.dtype.type(np.sqrt(2 / (cache["N"] * num_samples)))
+
+
+class BCEWithLogitsLoss:
+    """Sigmoid and binary cross-entropy in one, ``ℓ = Σ_bc [log(1 + e^{O_bc}) − Y_bc O_bc] / N``
+    (``torch.nn.BCEWithLogitsLoss``).
+
+    Targets have exactly the outputs' shape (B, C), with entries in [0, 1] as a rule (not
+    checked, as in PyTorch). ``N`` is B·C for ``reduction="mean"``, 1 for "sum". With
+    ``q = sigmoid(O)``: ``∇ℓ = (q − Y)/N``, ``∇²ℓ[u] = q ⊙ (1 − q) ⊙ u/N`` (diagonal).
+    """
+
+    def __init__(self, reduction="mean"):
+        self.reduction = check_reduction(reduction)
+
+    def __repr__(self):
+        return f"BCEWithLogitsLoss(reduction={self.reduction!r})"
+
+    def normalizer(self, O):
+        return O.size if self.reduction == "mean" else 1
+
+    check_target = MSELoss.check_target
+
+    def forward(self, O, y):
+        # log(1 + e^O) − y O, stable for logits of any size
+        value = np.logaddexp(O.dtype.type(0), O) - y * O
+        q = expit(O)
+        return float(value.sum()) / self.normalizer(O), {"q": q, "y": y, "N": self.normalizer(O)}
+
+    def backward(self, cache):
+        return (cache["q"] - cache["y"]) / cache["q"].dtype.type(cache["N"])
+
+    def _hessian_diagonal(self, cache):
+        q = cache["q"]
+        return q * (1 - q) / q.dtype.type(cache["N"])
+
+    def hessian_vp(self, cache, U):
+        return self._hessian_diagonal(cache) * U
+
+    def hessian_sqrt(self, cache):
+        """Factor S of the (diagonal) Hessian: ``S_kb = √(q_bk (1 − q_bk)/N) e_k``.
+
+        Returns
+        -------
+        S : ndarray, shape (C, B, C)
+        """
+        h = self._hessian_diagonal(cache)
+        C = h.shape[1]
+        S = np.zeros((C,) + h.shape, dtype=h.dtype)
+        S[np.arange(C), :, np.arange(C)] = np.sqrt(h).T
+        return S
+
+    def sample_hessian_sqrt(self, cache, num_samples, rng):
+        """Random factor with ``E[Σ_k S_kb S_kbᵀ] = ∇²ℓ_b``: ``S_kb = (q_b − ŷ_kb)/√(N·M)``, ŷ ~ Bernoulli(q).
+
+        Returns
+        -------
+        S : ndarray, shape (M, B, C)
+        """
+        q = cache["q"]
+        sampled = (rng.random((num_samples,) + q.shape) < q).astype(q.dtype)
+        return (q - sampled) * q.dtype.type(np.sqrt(1 / (cache["N"] * num_samples)))
