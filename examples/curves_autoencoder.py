@@ -116,7 +116,7 @@ def main(argv=None):
                    else optimizers.SGD(net, loss, theta0, lr=args.sgd_lr, momentum=0.9))
 
             def run_step(opt=opt):
-                rows = rng.choice(args.n_train, size=args.batch, replace=False)
+                rows = rng.choice(args.n_train, size=min(args.batch, args.n_train), replace=False)
                 opt.step(X_train[rows], X_train[rows])
         else:
             raise SystemExit(f"unknown method {name!r}: choose from Newton-CG, Adam, SGD")

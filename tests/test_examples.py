@@ -1,0 +1,39 @@
+"""Smoke tests: every example runs end to end with tiny settings and prints what it promises."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# (script, arguments, text the output must contain); scikit-learn examples need the digits data.
+RUNS = {
+    "quickstart": ("quickstart.py", [], "symmetric: True"),
+    "newton_cg_digits": ("newton_cg_digits.py",
+                         ["--hidden", "16", "--newton-iters", "3", "--adam-epochs", "2", "--output", "digits.png"],
+                         "test acc"),
+    "curves_autoencoder": ("curves_autoencoder.py", ["--n-train", "40", "--n-test", "20", "--budget", "0.3"],
+                           "squared reconstruction error per example"),
+    "sobolev_fit": ("sobolev_fit.py", ["--samples", "8", "--seeds", "1", "--max-iter", "5"], "RMSE"),
+    "gradient_noise": ("gradient_noise.py", [], "B_simple"),
+}
+NEEDS_SKLEARN = {"newton_cg_digits", "gradient_noise"}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_example_runs(name, tmp_path, monkeypatch, capsys):
+    script, args, expected = RUNS[name]
+    if name in NEEDS_SKLEARN:
+        pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    if name == "gradient_noise":
+        namespace = runpy.run_path(str(EXAMPLES / script))
+        namespace["main"](epochs=1)
+    else:
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert expected in out, out
