@@ -18,17 +18,23 @@ WIDTHS = (784, 512, 256, 10)
 BATCH = 256
 
 
-def median_seconds(fns, repeats, warmup=3):
-    """Median wall time of each callable, timed in interleaved rounds so that drift hits all alike."""
+def median_seconds(fns, repeats, rounds=5, warmup=3):
+    """Median wall time of each callable.
+
+    Each callable runs ``repeats // rounds`` times in a row (thread pools and caches warm, as in
+    real use), and the rounds cycle through all callables, so that drift in the machine's load
+    hits every one alike.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(max(1, repeats // rounds)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 

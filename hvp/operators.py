@@ -49,7 +49,7 @@ class _DatasetCurvature(LinearOperator):
             data = [data]
         elif not hasattr(data, "__iter__"):
             raise TypeError(f"data must be an (X, y) pair or an iterable of (X, y) batches, got {describe(data)}")
-        elif iter(data) is data and not self.cache:
+        elif not self.cache and iter(data) is data:
             raise TypeError("with cache=False, data must be re-iterable (a list, or an object whose __iter__ "
                             f"starts over each time), got a one-shot iterator {describe(data)}")
         self._data = data
@@ -101,9 +101,15 @@ class _DatasetCurvature(LinearOperator):
 
     def _matmat(self, V):
         V = check_direction("V", V, self.shape[0], self.dtype)
-        out = np.zeros(V.shape, dtype=self.dtype)
+        out = None
         for w, pt in self._weighted_linearizations():
-            out += w * self._batch_product(pt, V)
+            product = self._batch_product(pt, V)
+            if w != 1:
+                product *= w
+            if out is None:
+                out = product
+            else:
+                out += product
         if self.l2:
             out[self._weight_mask] += self.dtype.type(self.l2) * V[self._weight_mask]
         return out
@@ -181,10 +187,11 @@ class EmpiricalFisherOperator(_DatasetCurvature):
         ``F = (1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ + l2·diag(mask)``
 
     with ``ℓ_n`` the *unreduced* loss of example n and N the loss's normalizer over all
-    the data: N = ΣB for cross-entropy with ``reduction="mean"``, N = ΣB·C for MSE with
-    ``"mean"`` (whose mean runs over all entries, as ``torch.nn.MSELoss``), N = 1 for
-    ``"sum"``. So F scales like the Hessian and the GGN (for mean reduction all three are
-    averages over examples) and matches curvlinops' ``EFLinearOperator``. In terms of
+    the data (``loss.normalizer``): N = ΣB for cross-entropy with ``reduction="mean"``,
+    N = ΣB·C for MSE and BCE-with-logits with ``"mean"`` (whose mean runs over all
+    entries, as in ``torch.nn``), N = 1 for ``"sum"``. So F scales like the Hessian and
+    the GGN (for mean reduction all three are averages over examples) and matches
+    curvlinops' ``EFLinearOperator``. In terms of
     BackPACK's per-example gradients ``g_n = ∇(ℓ_n/N)`` (``BatchGrad``, also
     ``pt.batch_grad()``), ``F = N Σ_n g_n g_nᵀ``: with mean reduction, ``Σ_n g_n g_nᵀ`` as
     assembled from BackPACK is smaller by the factor N. The L2 term is the penalty's exact
