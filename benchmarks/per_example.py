@@ -4,10 +4,11 @@ MLP 784-512-256-10 with tanh (the network of benchmarks/products.py), batch 256,
 cross-entropy (mean), float32, no L2 term. Each quantity is timed together with its
 linearization (``linearize`` + the quantity: one forward and backward pass), as a BackPACK
 extension is timed with its forward and backward pass. Every round runs each timed function
-once, in turn; the table shows medians over the rounds, ratios to the gradient of the same
-library, our time over BackPACK's, and the peak memory allocated during one call (tracemalloc
-for hvp, torch's profiler for BackPACK). A last block checks that both libraries computed the
-same numbers.
+once, in turn (ours next to BackPACK's); the table shows median times, ratios to the gradient
+of the same library and our time over BackPACK's (each the median over rounds of the ratio
+within a round, which a shared machine's drifting load skews least), and the peak memory
+allocated during one call (tracemalloc for hvp, torch's profiler for BackPACK). A last line
+checks that both libraries computed the same numbers.
 
     python benchmarks/per_example.py [--repeats 15] [--threads 2]
 """
@@ -17,12 +18,13 @@ import os
 import platform
 import time
 import tracemalloc
+import warnings
 
 import numpy as np
 
 WIDTHS = (784, 512, 256, 10)
 BATCH = 256
-QUANTITIES = ("sum_grad_squared", "variance", "batch_l2", "batch_grad", "diag_ggn", "diag_ggn_mc")
+QUANTITIES = ("sum_grad_squared", "variance", "batch_l2", "diag_ggn", "diag_ggn_mc", "batch_grad")
 TARGETS = {"sum_grad_squared": 1.4, "variance": 1.4, "batch_l2": 1.1, "diag_ggn": 2.5}  # × gradient
 BACKPACK_NAMES = {"sum_grad_squared": "SumGradSquared", "variance": "Variance", "batch_l2": "BatchL2Grad",
                   "batch_grad": "BatchGrad", "diag_ggn": "DiagGGNExact", "diag_ggn_mc": "DiagGGNMC"}
@@ -53,10 +55,10 @@ def ours(net, theta, X, y):
 
     loss = hvp.CrossEntropyLoss()
     fns = {"gradient": lambda: hvp.loss_and_grad(net, loss, theta, X, y),
-           "linearize": lambda: hvp.linearize(net, loss, theta, X, y),
-           "write B·P numbers": lambda: np.full((BATCH, net.num_params), 1.0, dtype=theta.dtype)}
+           "linearize": lambda: hvp.linearize(net, loss, theta, X, y)}
     for name in QUANTITIES:
         fns[name] = lambda name=name: getattr(hvp.linearize(net, loss, theta, X, y), name)()
+    fns["write B·P numbers"] = lambda: np.full((BATCH, net.num_params), 1.0, dtype=theta.dtype)
     return fns
 
 
@@ -69,6 +71,7 @@ def backpack_setup(net, theta, X, y, threads):
     except ImportError:
         return None
     torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # X needs no gradient
     modules = []
     for layer, p in zip(net.layers, net.unflatten(theta)):
         if p:
@@ -99,6 +102,16 @@ def backpack_setup(net, theta, X, y, threads):
     return fns
 
 
+def limit_blas_threads(threads):
+    """Limit numpy's BLAS to ``threads`` through threadpoolctl; returns whether it could."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return False
+    threadpool_limits(threads, user_api="blas")
+    return True
+
+
 def torch_peak_bytes(fn):
     """Peak bytes allocated by torch during one call, from torch's profiler memory events."""
     from torch.profiler import ProfilerActivity, profile
@@ -122,16 +135,25 @@ def numpy_peak_bytes(fn):
         tracemalloc.stop()
 
 
-def medians(fns, repeats, warmup=2):
-    """Median seconds per function; each round calls every function once, in turn."""
-    times = {key: [] for key in fns}
+def rounds(libraries, repeats, warmup=2):
+    """Seconds per call, one array per (library, name); each round calls every function once.
+
+    Within a round each library's functions run in turn, with a pause between libraries so
+    that the worker threads of one (OpenBLAS, OpenMP) have gone to sleep before the other runs,
+    and an untimed call of the library's first function to wake its own threads up.
+    """
+    times = {(lib, key): [] for lib, fns in libraries.items() for key in fns}
     for r in range(warmup + repeats):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[key].append(time.perf_counter() - t0)
-    return {key: float(np.median(t)) for key, t in times.items()}
+        for lib, fns in libraries.items():
+            time.sleep(0.2)
+            if fns:
+                next(iter(fns.values()))()
+            for key, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                if r >= warmup:
+                    times[lib, key].append(time.perf_counter() - t0)
+    return {key: np.array(t) for key, t in times.items()}
 
 
 def backpack_as_ours(model, attr):
@@ -179,45 +201,51 @@ def cpu_name():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS and torch threads (default 2)")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    blas_limited = limit_blas_threads(args.threads)
     net, theta, X, y = problem()
     mine = ours(net, theta, X, y)
     theirs = backpack_setup(net, theta, X, y, args.threads)
-    fns = {("hvp", k): f for k, f in mine.items()}
-    if theirs is not None:
-        fns.update({("BackPACK", k): f for k, f in theirs.items()})
-    t = medians(fns, args.repeats)
+    theirs = theirs or {}
+    t = rounds({"hvp": mine, "BackPACK": theirs}, args.repeats)
     mem = {k: numpy_peak_bytes(f) for k, f in mine.items()}
-    their_mem = {k: torch_peak_bytes(f) for k, f in theirs.items()} if theirs is not None else {}
+    their_mem = {k: torch_peak_bytes(f) for k, f in theirs.items()}
+
+    def ms(key):
+        return 1e3 * float(np.median(t[key]))
+
+    def ratio(a, b):  # the median over rounds of the ratio within a round
+        return float(np.median(t[a] / t[b]))
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; MLP "
           f"{'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, float32, cross-entropy (mean), "
-          f"P = {net.num_params}; medians of {args.repeats} rounds")
-    if theirs is None:
+          f"P = {net.num_params}; {args.repeats} rounds; load average before/after "
+          f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
+    print(f"threads: {args.threads} for torch and {'for' if blas_limited else 'not set for'} numpy's BLAS; "
+          "ms: median time; ratios: median over rounds of the ratio within a round")
+    if not theirs:
         print("BackPACK is not installed: pip install --no-deps backpack-for-pytorch einops unfoldNd")
     header = f"{'linearize + quantity':<22}{'hvp ms':>9}{'÷ grad':>8}{'target':>8}{'peak MB':>9}"
-    if theirs is not None:
+    if theirs:
         header += f"{'BackPACK ms':>13}{'÷ its grad':>11}{'peak MB':>9}{'hvp ÷ BackPACK':>16}"
     print(header)
-    grad = t["hvp", "gradient"]
     for key in mine:
         target = TARGETS.get(key)
         if key == "batch_grad":
             target_text = "≤2×wr"
         else:
             target_text = f"≤{target:.1f}" if target else ""
-        row = f"{key:<22}{1e3 * t['hvp', key]:>9.2f}{t['hvp', key] / grad:>8.2f}{target_text:>8}"
+        row = f"{key:<22}{ms(('hvp', key)):>9.2f}{ratio(('hvp', key), ('hvp', 'gradient')):>8.2f}{target_text:>8}"
         row += f"{mem[key] / 2**20:>9.1f}"
-        if theirs is not None and key in theirs:
-            tb = t["BackPACK", key]
-            row += f"{1e3 * tb:>13.2f}{tb / t['BackPACK', 'gradient']:>11.2f}{their_mem[key] / 2**20:>9.1f}"
-            row += f"{t['hvp', key] / tb:>16.2f}"
+        if key in theirs:
+            row += f"{ms(('BackPACK', key)):>13.2f}{ratio(('BackPACK', key), ('BackPACK', 'gradient')):>11.2f}"
+            row += f"{their_mem[key] / 2**20:>9.1f}{ratio(('hvp', key), ('BackPACK', key)):>16.2f}"
         print(row)
-    write = t["hvp", "write B·P numbers"]
     print(f"batch_grad ÷ writing B·P = {BATCH}·{net.num_params} numbers (np.full): "
-          f"{t['hvp', 'batch_grad'] / write:.2f}  (target ≤ 2)")
-    if theirs is not None:
+          f"{ratio(('hvp', 'batch_grad'), ('hvp', 'write B·P numbers')):.2f}  (target ≤ 2)")
+    if theirs:
         print("agreement with BackPACK, max |hvp − BackPACK| / max |BackPACK| (Variance × B²): "
               + ", ".join(f"{k} {v:.1e}" for k, v in agreement(net, theta, X, y, theirs).items()))
 

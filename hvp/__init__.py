@@ -4,16 +4,31 @@ Exact Hessian-vector and Gauss-Newton-vector products of small and mid-sized
 networks, from four derivative rules per layer (see :mod:`hvp.layers`).
 """
 
+from . import curvature
 from .activations import ELU, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Softsign, Tanh
+from .input_derivatives import (
+    JacobianPenalty,
+    SobolevLoss,
+    input_jacobian,
+    input_jvp,
+    tangent_loss_and_grad,
+    tangent_sum_grad_squared,
+)
 from .layers import Linear
-from .losses import CrossEntropyLoss, MSELoss
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .network import Sequential
+from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from .products import Linearization, linearize, loss_and_grad
+from .scipy_objective import scipy_objective
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ELU", "Identity", "LeakyReLU", "ReLU", "Sigmoid", "Softplus", "Softsign", "Tanh",
-    "Linear", "Sequential", "CrossEntropyLoss", "MSELoss",
+    "Linear", "Sequential", "CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss",
     "Linearization", "linearize", "loss_and_grad",
+    "input_jvp", "input_jacobian", "tangent_loss_and_grad", "tangent_sum_grad_squared",
+    "SobolevLoss", "JacobianPenalty",
+    "scipy_objective",
+    "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "curvature",
 ]

@@ -17,7 +17,10 @@ or less per layer and never form a (B, m, n) array.
 import numpy as np
 
 from ._checks import describe
+from .activations import Elementwise
 from .layers import Linear
+
+BATCH_GRAD_BLOCK_BYTES = 16 << 20  # batch_grad fills its (B, P) result in blocks of rows of about this size
 
 
 def _linear_indices(pt):
@@ -36,20 +39,30 @@ def _grad_without_l2(pt):
     """``Σ_n g_n`` (P,): the gradient of the loss alone, a fresh array."""
     g = pt.grad.copy()
     if pt.l2:
-        g[pt.weight_mask] -= pt.theta.dtype.type(pt.l2) * pt.theta[pt.weight_mask]
+        l2 = g.dtype.type(pt.l2)
+        views = pt.net.unflatten(g)
+        for i in _linear_indices(pt):
+            views[i]["weight"] -= l2 * pt.params[i]["weight"]
     return g
 
 
-def sum_grad_squared(pt):
-    """``Σ_n g_n²`` (P,): weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
+def _sum_grad_squared(pt, factor=1.0):
+    """``factor · Σ_n g_n²`` (P,); the factor scales the (B, n) arrays ``DO²``, not the result."""
     out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
     views = pt.net.unflatten(out)
     for i in _linear_indices(pt):
         DO2 = np.square(pt.adjoints[i])
+        if factor != 1:
+            DO2 *= DO2.dtype.type(factor)
         np.matmul(np.square(pt.caches[i]).T, DO2, out=views[i]["weight"])
         if "bias" in views[i]:
             np.sum(DO2, axis=0, out=views[i]["bias"])
     return out
+
+
+def sum_grad_squared(pt):
+    """``Σ_n g_n²`` (P,): weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
+    return _sum_grad_squared(pt)
 
 
 def batch_grad(pt):
@@ -57,11 +70,15 @@ def batch_grad(pt):
     B = pt.outputs.shape[0]
     out = np.empty((B, pt.net.num_params), dtype=pt.theta.dtype)
     views = pt.net.unflatten(out)  # weight (B, m, n), bias (B, n): views into the rows of out
-    for i in _linear_indices(pt):
-        I, DO = pt.caches[i], pt.adjoints[i]
-        np.multiply(I[:, :, None], DO[:, None, :], out=views[i]["weight"])
-        if "bias" in views[i]:
-            views[i]["bias"][...] = DO
+    linears = _linear_indices(pt)
+    rows = max(1, BATCH_GRAD_BLOCK_BYTES // out[0].nbytes)  # blocks of rows written front to back
+    for start in range(0, B, rows):
+        block = slice(start, start + rows)
+        for i in linears:
+            I, DO = pt.caches[i][block], pt.adjoints[i][block]
+            np.multiply(I[:, :, None], DO[:, None, :], out=views[i]["weight"][block])
+            if "bias" in views[i]:
+                views[i]["bias"][block] = DO
     return out
 
 
@@ -80,16 +97,18 @@ def batch_l2(pt):
 def variance(pt):
     """Elementwise variance (P,) of the per-example loss gradients ``∇ℓ_n = c·g_n`` (1/B normalization).
 
-    ``c = B`` for mean reduction (then it is ``B·Σ_n g_n² − g²``), 1 for sum; clipped at 0.
+    ``Var = (c²/B) Σ_n g_n² − (c g/B)²`` with ``g = Σ_n g_n``; ``c = B`` for mean reduction
+    (then ``B·Σ_n g_n² − g²``), 1 for sum. Rounding below 0 is clipped to 0.
     """
     B = pt.outputs.shape[0]
     c = B if pt.loss_fn.reduction == "mean" else 1
-    out = sum_grad_squared(pt)
-    out *= out.dtype.type(c * c / B)
-    g = _grad_without_l2(pt)
-    g *= g.dtype.type(c / B)
-    out -= np.square(g, out=g)
-    return np.maximum(out, 0, out=out)
+    out = _sum_grad_squared(pt, factor=c * c / B)
+    g = _grad_without_l2(pt) if pt.l2 else pt.grad
+    if c != B:
+        g = g * g.dtype.type(c / B)
+    out -= np.square(g)
+    out[out < 0] = 0  # rounding; faster than np.maximum, which checks for NaN
+    return out
 
 
 def _diag_ggn_from_factor(pt, S):
@@ -97,22 +116,34 @@ def _diag_ggn_from_factor(pt, S):
 
     The K columns travel backward together; per Linear layer ``diag_W = (I²)ᵀ Σ_k DO_k²``
     (the squares summed over k before the one matmul) and ``diag_b = Σ_{k,b} DO_k²``.
+    An activation's σ′ is kept aside as a factor of the adjoint, ``DO = σ′ ⊙ D``, so that
+    ``Σ_k DO_k² = σ′² ⊙ Σ_k D_k²`` costs (B, n) work and D is scaled only if it travels on.
     """
     out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
     views = pt.net.unflatten(out)
     linears = _linear_indices(pt)
-    DO = S.astype(pt.theta.dtype, copy=False)
+    D = S.astype(pt.theta.dtype)  # our own copy: scaled in place below
+    scale = None  # DO = scale ⊙ D, scale (B, n) or None for 1
     for i in reversed(range(linears[0], len(pt.net.layers))):
         layer, p, cache = pt.net.layers[i], pt.params[i], pt.caches[i]
-        if i in linears:
-            DO2 = np.einsum("kbn,kbn->bn", DO, DO)
+        if isinstance(layer, Elementwise):
+            d1 = layer._d1(cache)
+            scale = d1 if scale is None else scale * d1
+            continue
+        if isinstance(layer, Linear):
+            DO2 = np.einsum("kbn,kbn->bn", D, D)
+            if scale is not None:
+                DO2 *= np.square(scale)
             np.matmul(np.square(cache).T, DO2, out=views[i]["weight"])
+            if pt.l2:
+                views[i]["weight"] += out.dtype.type(pt.l2)
             if "bias" in views[i]:
                 np.sum(DO2, axis=0, out=views[i]["bias"])
         if i > linears[0]:
-            DO = layer.backward_input(p, cache, DO)
-    if pt.l2:
-        out[pt.weight_mask] += out.dtype.type(pt.l2)
+            if scale is not None:
+                D *= scale
+                scale = None
+            D = layer.backward_input(p, cache, D)
     return out
 
 

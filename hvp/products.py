@@ -279,7 +279,7 @@ class Linearization:
     def diag_ggn(self):
         """Exact diagonal of the matrix :meth:`ggnvp` multiplies by, ``Jᵀ ∇²ℓ J + l2·diag(weight mask)``.
 
-        From a factor ``∇²ℓ_b = Σ_k S_kb S_kbᵀ`` (C columns for cross-entropy and MSE)
+        From a factor ``∇²ℓ_b = Σ_k S_kb S_kbᵀ`` (C − 1 columns for cross-entropy, C for MSE)
         backpropagated together: per Linear layer ``diag_W = (I²)ᵀ Σ_k DO_k²``,
         ``diag_b = Σ_{k,b} DO_k²``. The loss's normalizer (1/B for mean) is included, as
         in :meth:`ggnvp`; so is the L2 term.
