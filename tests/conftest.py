@@ -85,6 +85,8 @@ def build_loss(kind: str, reduction: str):
         return hvp.CrossEntropyLoss(reduction=reduction)
     if kind == "mse":
         return hvp.MSELoss(reduction=reduction)
+    if kind == "bce":
+        return hvp.BCEWithLogitsLoss(reduction=reduction)
     raise ValueError(kind)
 
 
@@ -95,6 +97,8 @@ def draw_targets(rng, kind: str, B: int, C: int):
         return rng.dirichlet(np.ones(C), size=B)
     if kind == "mse":
         return rng.standard_normal((B, C))
+    if kind == "bce":
+        return rng.uniform(0, 1, size=(B, C))
     raise ValueError(kind)
 
 

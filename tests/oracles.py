@@ -13,13 +13,14 @@ Loss kinds used throughout the suite:
 * ``"ce_labels"`` -- softmax cross-entropy with integer class labels of shape (B,)
 * ``"ce_probs"``  -- softmax cross-entropy with probability targets of shape (B, C)
 * ``"mse"``       -- squared error with targets of shape (B, C)
+* ``"bce"``       -- sigmoid + binary cross-entropy with targets in [0, 1] of shape (B, C)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-LOSS_KINDS = ("ce_labels", "ce_probs", "mse")
+LOSS_KINDS = ("ce_labels", "ce_probs", "mse", "bce")
 REDUCTIONS = ("mean", "sum")
 
 
@@ -198,6 +199,11 @@ def ref_output_loss(O, y, kind: str, reduction: str) -> float:
     if kind == "mse":
         sq = (O - np.asarray(y, dtype=np.float64)) ** 2
         return float(np.mean(sq)) if reduction == "mean" else float(np.sum(sq))
+    if kind == "bce":
+        Y = np.asarray(y, dtype=np.float64)
+        q = _sigmoid(O)
+        terms = -(Y * np.log(q) + (1 - Y) * np.log(1 - q))
+        return float(np.mean(terms)) if reduction == "mean" else float(np.sum(terms))
     raise ValueError(kind)
 
 
@@ -230,6 +236,10 @@ def ref_output_hessian(O, y, kind: str, reduction: str) -> np.ndarray:
     if kind == "mse":
         c = 2.0 / (B * C) if reduction == "mean" else 2.0
         return c * np.eye(B * C)
+    if kind == "bce":
+        q = _sigmoid(O).ravel()
+        c = 1.0 / (B * C) if reduction == "mean" else 1.0
+        return c * np.diag(q * (1 - q))
     raise ValueError(kind)
 
 
