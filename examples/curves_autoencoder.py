@@ -9,7 +9,7 @@ budget; the table reports, as Martens' Table 1 does, the squared reconstruction 
 example summed over the 784 pixels, on the training and the test set.
 
     python examples/curves_autoencoder.py --quick          # about a minute
-    python examples/curves_autoencoder.py                  # 20,000 / 10,000 images, 10 min per method
+    python examples/curves_autoencoder.py                  # 20,000 / 10,000 images, 5 min per method
 """
 
 import argparse
@@ -81,7 +81,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2,000 / 1,000 images, 20 s per method")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--n-test", type=int, default=10000)
-    parser.add_argument("--budget", type=float, default=600.0, help="optimizer seconds per method")
+    parser.add_argument("--budget", type=float, default=300.0, help="optimizer seconds per method")
     parser.add_argument("--curvature-batch", type=float, default=0.25,
                         help="fraction of the training set for curvature products (Martens: a mini-batch)")
     parser.add_argument("--batch", type=int, default=200, help="mini-batch size of Adam and SGD")
