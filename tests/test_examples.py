@@ -18,8 +18,10 @@ RUNS = {
                            "squared reconstruction error per example"),
     "sobolev_fit": ("sobolev_fit.py", ["--samples", "8", "--seeds", "1", "--max-iter", "5"], "RMSE"),
     "gradient_noise": ("gradient_noise.py", [], "B_simple"),
+    "curvature_spectrum": ("curvature_spectrum.py", ["--out", "spectrum.png", "--checkpoints", "0", "3"],
+                           "top-5 eigenvalues"),
 }
-NEEDS_SKLEARN = {"newton_cg_digits", "gradient_noise"}
+NEEDS_SKLEARN = {"newton_cg_digits", "gradient_noise", "curvature_spectrum"}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -27,6 +29,7 @@ def test_example_runs(name, tmp_path, monkeypatch, capsys):
     script, args, expected = RUNS[name]
     if name in NEEDS_SKLEARN:
         pytest.importorskip("sklearn")
+        pytest.importorskip("matplotlib")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setattr(sys, "argv", [script, *args])
