@@ -84,6 +84,7 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=300.0, help="optimizer seconds per method")
     parser.add_argument("--curvature-batch", type=float, default=0.25,
                         help="fraction of the training set for curvature products (Martens: a mini-batch)")
+    parser.add_argument("--damping", type=float, default=1.0, help="Newton-CG's initial damping λ")
     parser.add_argument("--batch", type=int, default=200, help="mini-batch size of Adam and SGD")
     parser.add_argument("--adam-lr", type=float, default=1e-3)
     parser.add_argument("--sgd-lr", type=float, default=0.1)
@@ -107,7 +108,7 @@ def main(argv=None):
     tables = {}
     for name in args.methods:
         if name == "Newton-CG":
-            opt = optimizers.NewtonCG(net, loss, theta0, curvature_batch=args.curvature_batch)
+            opt = optimizers.NewtonCG(net, loss, theta0, damping=args.damping, curvature_batch=args.curvature_batch)
 
             def run_step(opt=opt):
                 opt.step(X_train, X_train)
