@@ -15,6 +15,14 @@ from scipy.special import expit
 from ._checks import check_finite, check_reduction, describe, real_array
 
 
+def _diagonal_factor(d):
+    """S (C, B, C) with ``S_kb = d_bk e_k``: the factor of a diagonal Hessian ``diag(d_b²)``; d (B, C)."""
+    C = d.shape[1]
+    S = np.zeros((C,) + d.shape, dtype=d.dtype)
+    S[np.arange(C), :, np.arange(C)] = d.T
+    return S
+
+
 class CrossEntropyLoss:
     """Softmax cross-entropy ``ℓ = Σ_b −Σ_c t_bc log softmax(O_b)_c / N`` (``torch.nn.CrossEntropyLoss``).
 
@@ -193,10 +201,7 @@ class MSELoss:
             Column k of example b is ``S[k, b]``.
         """
         r = cache["r"]
-        C = r.shape[1]
-        S = np.zeros((C,) + r.shape, dtype=r.dtype)
-        S[np.arange(C), :, np.arange(C)] = np.sqrt(2 / cache["N"])
-        return S
+        return _diagonal_factor(np.full_like(r, np.sqrt(2 / cache["N"])))
 
     def sample_hessian_sqrt(self, cache, num_samples, rng):
         """Random factor S with ``E[Σ_k S_kb S_kbᵀ] = 2/N · I``: ``S_kb = √(2/(N·M)) z``, ``z ~ N(0, I)``.
@@ -266,11 +271,7 @@ class BCEWithLogitsLoss:
         -------
         S : ndarray, shape (C, B, C)
         """
-        h = self._hessian_diagonal(cache)
-        C = h.shape[1]
-        S = np.zeros((C,) + h.shape, dtype=h.dtype)
-        S[np.arange(C), :, np.arange(C)] = np.sqrt(h).T
-        return S
+        return _diagonal_factor(np.sqrt(self._hessian_diagonal(cache)))
 
     def sample_hessian_sqrt(self, cache, num_samples, rng):
         """Random factor with ``E[Σ_k S_kb S_kbᵀ] = ∇²ℓ_b``: ``S_kb = (q_b − ŷ_kb)/√(N·M)``, ŷ ~ Bernoulli(q).
