@@ -21,10 +21,9 @@ import sys
 import time
 import warnings
 
+import common
 import numpy as np
-
-WIDTHS = (784, 512, 256, 10)
-BATCH = 256
+from common import BATCH, WIDTHS
 
 
 def median_seconds(fns, repeats, warmup=1):
@@ -40,22 +39,6 @@ def median_seconds(fns, repeats, warmup=1):
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) for name, t in times.items()}, results
-
-
-def problem(seed=0):
-    import hvp
-
-    layers = []
-    for i, (m, n) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers.append(hvp.Linear(m, n))
-        if i < len(WIDTHS) - 2:
-            layers.append(hvp.Tanh())
-    net = hvp.Sequential(*layers)
-    rng = np.random.default_rng(seed)
-    theta = net.init(seed=seed, dtype=np.float32)
-    X = rng.normal(size=(BATCH, WIDTHS[0])).astype(np.float32)
-    y = rng.integers(0, WIDTHS[-1], size=BATCH)
-    return net, theta, X, y
 
 
 # -- PyHessian ------------------------------------------------------------------------
@@ -262,7 +245,7 @@ def main():
     parser.add_argument("--pyhessian", choices=("package", "reimplemented", "none"), default="package")
     args = parser.parse_args()
 
-    net, theta, X, y = problem()
+    net, theta, X, y = common.problem()
     print(f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, float32, P = {net.num_params}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"medians of {args.repeats} interleaved repeats\n")

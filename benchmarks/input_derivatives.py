@@ -13,10 +13,10 @@ import argparse
 import os
 import time
 
+import common
 import numpy as np
+from common import BATCH, WIDTHS
 
-WIDTHS = (784, 512, 256, 10)
-BATCH = 256
 PENALTY = 0.1
 
 
@@ -36,16 +36,7 @@ def median_seconds(fns, repeats, clock):
 def ours(dtype, directions):
     import hvp
 
-    layers = []
-    for i, (m, n) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers.append(hvp.Linear(m, n))
-        if i < len(WIDTHS) - 2:
-            layers.append(hvp.Tanh())
-    net = hvp.Sequential(*layers)
-    theta = net.init(seed=0, dtype=dtype)
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype)
-    y = rng.integers(0, WIDTHS[-1], size=BATCH)
+    net, theta, X, y = common.problem(dtype)
     ce = hvp.CrossEntropyLoss()
     penalty = hvp.JacobianPenalty(ce, PENALTY)
     fns = {"gradient": lambda: hvp.loss_and_grad(net, ce, theta, X, y)}

@@ -9,13 +9,11 @@ JAX rows appear when they are installed.
 
 import argparse
 import os
-import platform
 import time
 
+import common
 import numpy as np
-
-WIDTHS = (784, 512, 256, 10)
-BATCH = 256
+from common import BATCH, WIDTHS
 
 
 def median_seconds(fns, repeats, rounds=5, warmup=3):
@@ -39,18 +37,9 @@ def median_seconds(fns, repeats, rounds=5, warmup=3):
 
 
 def problem(dtype, seed=0):
-    import hvp
-
-    layers = []
-    for i, (m, n) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers.append(hvp.Linear(m, n))
-        if i < len(WIDTHS) - 2:
-            layers.append(hvp.Tanh())
-    net = hvp.Sequential(*layers)
-    rng = np.random.default_rng(seed)
-    theta = net.init(seed=seed, dtype=dtype)
-    X = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype)
-    y = rng.integers(0, WIDTHS[-1], size=BATCH)
+    """The common problem, plus one direction v (P,) and a block V (P, 16)."""
+    net, theta, X, y = common.problem(dtype, seed)
+    rng = np.random.default_rng(seed + 1)
     v = rng.normal(size=net.num_params).astype(dtype)
     V = rng.normal(size=(net.num_params, 16)).astype(dtype)
     return net, theta, X, y, v, V
@@ -143,17 +132,6 @@ def jax_products(dtype):
     }
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def blas_kernel():
     """The kernel OpenBLAS picked (OPENBLAS_CORETYPE overrides it), when threadpoolctl can tell."""
     try:
@@ -172,7 +150,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     args = parser.parse_args()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__} ({blas_kernel()}); "
+    print(f"machine: {common.cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__} ({blas_kernel()}); "
           f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, cross-entropy; medians of {args.repeats}")
     for name in args.dtypes:
         dtype = np.dtype(name).type

@@ -1,0 +1,42 @@
+"""What the benchmark scripts share: the MLP problem of DESIGN.md §3 and the machine's name."""
+
+import platform
+
+import numpy as np
+
+WIDTHS = (784, 512, 256, 10)
+BATCH = 256
+
+
+def mlp(widths=WIDTHS):
+    """``Linear``/``Tanh`` layers of the given widths (no activation after the last layer)."""
+    import hvp
+
+    layers = []
+    for i, (m, n) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(hvp.Linear(m, n))
+        if i < len(widths) - 2:
+            layers.append(hvp.Tanh())
+    return hvp.Sequential(*layers)
+
+
+def problem(dtype=np.float32, seed=0):
+    """MLP 784-512-256-10 (tanh), θ, inputs X (256, 784) ~ N(0, 1) and labels y (256,), from one seed."""
+    net = mlp()
+    rng = np.random.default_rng(seed)
+    theta = net.init(seed=seed, dtype=dtype)
+    X = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype)
+    y = rng.integers(0, WIDTHS[-1], size=BATCH)
+    return net, theta, X, y
+
+
+def cpu_name():
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
