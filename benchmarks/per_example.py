@@ -1,52 +1,34 @@
 """Time hvp's per-example quantities against the gradient, and against BackPACK on the identical problem.
 
-MLP 784-512-256-10 with tanh (the network of benchmarks/products.py), batch 256, softmax
+MLP 784-512-256-10 with tanh (benchmarks/common.py, as in products.py), batch 256, softmax
 cross-entropy (mean), float32, no L2 term. Each quantity is timed together with its
 linearization (``linearize`` + the quantity: one forward and backward pass), as a BackPACK
 extension is timed with its forward and backward pass. Every round runs each timed function
-once, in turn (ours next to BackPACK's); the table shows median times, ratios to the gradient
-of the same library and our time over BackPACK's (each the median over rounds of the ratio
-within a round, which a shared machine's drifting load skews least), and the peak memory
-allocated during one call (tracemalloc for hvp, torch's profiler for BackPACK). A last line
-checks that both libraries computed the same numbers.
+once: hvp's in a random order, a pause, then BackPACK's. The table shows median times, ratios
+to the gradient of the same library and our time over BackPACK's (each the median over rounds
+of the ratio within a round, which a shared machine's drifting load skews least), and the peak
+memory allocated during one call (tracemalloc for hvp, torch's profiler for BackPACK). A last
+line checks that both libraries computed the same numbers.
 
     python benchmarks/per_example.py [--repeats 15] [--threads 2]
 """
 
 import argparse
 import os
-import platform
 import time
 import tracemalloc
 import warnings
 
+import common
 import numpy as np
+from common import BATCH, WIDTHS
 
-WIDTHS = (784, 512, 256, 10)
-BATCH = 256
 QUANTITIES = ("sum_grad_squared", "variance", "batch_l2", "diag_ggn", "diag_ggn_mc", "batch_grad")
 TARGETS = {"sum_grad_squared": 1.4, "variance": 1.4, "batch_l2": 1.1, "diag_ggn": 2.5}  # × gradient
 BACKPACK_NAMES = {"sum_grad_squared": "SumGradSquared", "variance": "Variance", "batch_l2": "BatchL2Grad",
                   "batch_grad": "BatchGrad", "diag_ggn": "DiagGGNExact", "diag_ggn_mc": "DiagGGNMC"}
 BACKPACK_ATTRS = {"sum_grad_squared": "sum_grad_squared", "variance": "variance", "batch_l2": "batch_l2",
                   "batch_grad": "grad_batch", "diag_ggn": "diag_ggn_exact", "diag_ggn_mc": "diag_ggn_mc"}
-
-
-def problem(dtype=np.float32, seed=0):
-    """The network, θ, X and labels of benchmarks/products.py."""
-    import hvp
-
-    layers = []
-    for i, (m, n) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers.append(hvp.Linear(m, n))
-        if i < len(WIDTHS) - 2:
-            layers.append(hvp.Tanh())
-    net = hvp.Sequential(*layers)
-    rng = np.random.default_rng(seed)
-    theta = net.init(seed=seed, dtype=dtype)
-    X = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype)
-    y = rng.integers(0, WIDTHS[-1], size=BATCH)
-    return net, theta, X, y
 
 
 def ours(net, theta, X, y):
@@ -138,19 +120,22 @@ def numpy_peak_bytes(fn):
 def rounds(libraries, repeats, warmup=2):
     """Seconds per call, one array per (library, name); each round calls every function once.
 
-    Within a round each library's functions run in turn, with a pause between libraries so
-    that the worker threads of one (OpenBLAS, OpenMP) have gone to sleep before the other runs,
-    and an untimed call of the library's first function to wake its own threads up.
+    Within a round each library's functions run in a fresh random order (no function always
+    follows the same one), with a pause between libraries so that the worker threads of one
+    (OpenBLAS, OpenMP) have gone to sleep before the other runs, and an untimed call of the
+    library's first function to wake its own threads up.
     """
+    rng = np.random.default_rng(0)
     times = {(lib, key): [] for lib, fns in libraries.items() for key in fns}
     for r in range(warmup + repeats):
         for lib, fns in libraries.items():
             time.sleep(0.2)
-            if fns:
-                next(iter(fns.values()))()
-            for key, fn in fns.items():
+            keys = list(fns)
+            if keys:
+                fns[keys[0]]()
+            for key in [keys[j] for j in rng.permutation(len(keys))]:
                 t0 = time.perf_counter()
-                fn()
+                fns[key]()
                 if r >= warmup:
                     times[lib, key].append(time.perf_counter() - t0)
     return {key: np.array(t) for key, t in times.items()}
@@ -187,17 +172,6 @@ def agreement(net, theta, X, y, theirs):
     return rows
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
@@ -205,7 +179,7 @@ def main():
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     blas_limited = limit_blas_threads(args.threads)
-    net, theta, X, y = problem()
+    net, theta, X, y = common.problem()
     mine = ours(net, theta, X, y)
     theirs = backpack_setup(net, theta, X, y, args.threads)
     theirs = theirs or {}
@@ -219,7 +193,7 @@ def main():
     def ratio(a, b):  # the median over rounds of the ratio within a round
         return float(np.median(t[a] / t[b]))
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; MLP "
+    print(f"machine: {common.cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; MLP "
           f"{'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, float32, cross-entropy (mean), "
           f"P = {net.num_params}; {args.repeats} rounds; load average before/after "
           f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
