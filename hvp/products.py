@@ -9,6 +9,7 @@ Blocks of k directions travel together along the k axis (DESIGN.md §1).
 
 import numpy as np
 
+from . import per_example
 from ._checks import check_direction, check_finite, check_inputs, check_l2, check_theta, describe, real_array
 
 
@@ -232,7 +233,6 @@ class Linearization:
         -------
         ndarray, shape (P,), dtype of θ
         """
-        from . import per_example
         return per_example.sum_grad_squared(self)
 
     def batch_grad(self):
@@ -245,7 +245,6 @@ class Linearization:
         -------
         ndarray, shape (B, P), dtype of θ
         """
-        from . import per_example
         return per_example.batch_grad(self)
 
     def batch_l2(self):
@@ -258,7 +257,6 @@ class Linearization:
         -------
         ndarray, shape (B,), dtype of θ
         """
-        from . import per_example
         return per_example.batch_l2(self)
 
     def variance(self):
@@ -273,7 +271,6 @@ class Linearization:
         -------
         ndarray, shape (P,), dtype of θ
         """
-        from . import per_example
         return per_example.variance(self)
 
     def diag_ggn(self):
@@ -288,7 +285,6 @@ class Linearization:
         -------
         ndarray, shape (P,), dtype of θ
         """
-        from . import per_example
         return per_example.diag_ggn(self)
 
     def diag_ggn_mc(self, num_samples=1, seed=0):
@@ -309,5 +305,4 @@ class Linearization:
         -------
         ndarray, shape (P,), dtype of θ
         """
-        from . import per_example
         return per_example.diag_ggn_mc(self, num_samples, seed)
