@@ -54,12 +54,17 @@ def check_inputs(X, in_features, dtype):
     return X
 
 
+def check_nonnegative(name, value):
+    """A finite real number >= 0 (a penalty weight), as a float."""
+    if isinstance(value, (bool, np.bool_)) or not np.isscalar(value) or not np.isreal(value):
+        raise TypeError(f"{name} must be a real number, got {describe(value)}")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_l2(l2):
-    if isinstance(l2, (bool, np.bool_)) or not np.isscalar(l2) or not np.isreal(l2):
-        raise TypeError(f"l2 must be a real number, got {describe(l2)}")
-    if not np.isfinite(l2) or l2 < 0:
-        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
-    return float(l2)
+    return check_nonnegative("l2", l2)
 
 
 def check_reduction(reduction):

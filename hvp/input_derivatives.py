@@ -29,7 +29,7 @@ example b (true for both built-ins, :class:`SobolevLoss` and :class:`JacobianPen
 
 import numpy as np
 
-from ._checks import check_finite, check_inputs, check_l2, check_theta, describe, real_array
+from ._checks import check_finite, check_inputs, check_l2, check_nonnegative, check_theta, describe, real_array
 from .layers import Linear
 from .losses import CrossEntropyLoss, MSELoss
 
@@ -40,15 +40,6 @@ CHUNK_ENTRIES = 1 << 22  # entries of the largest temporary array of tangent_sum
 
 
 # -- validation ---------------------------------------------------------------
-
-
-def _weight(weight):
-    """A penalty weight: a finite real number >= 0."""
-    if isinstance(weight, (bool, np.bool_)) or not np.isscalar(weight) or not np.isreal(weight):
-        raise TypeError(f"weight must be a real number, got {describe(weight)}")
-    if not np.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-    return float(weight)
 
 
 def _input_tangents(directions, B, m, dtype):
@@ -310,7 +301,7 @@ class SobolevLoss:
     """
 
     def __init__(self, weight=1.0):
-        self.weight = _weight(weight)
+        self.weight = check_nonnegative("weight", weight)
 
     def __repr__(self):
         return f"SobolevLoss(weight={self.weight})"
@@ -366,7 +357,7 @@ class JacobianPenalty:
             raise TypeError(f"base_loss must be a loss on outputs such as hvp.CrossEntropyLoss() or hvp.MSELoss(), "
                             f"got {describe(base_loss)}")
         self.base_loss = base_loss
-        self.weight = _weight(weight)
+        self.weight = check_nonnegative("weight", weight)
 
     def __repr__(self):
         return f"JacobianPenalty({self.base_loss!r}, weight={self.weight})"
