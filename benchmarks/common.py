@@ -30,6 +30,23 @@ def problem(dtype=np.float32, seed=0):
     return net, theta, X, y
 
 
+def torch_mlp(net, theta):
+    """The same network and weights as a ``torch.nn.Sequential`` (a Linear weight is (out, in) there)."""
+    import torch
+
+    modules = []
+    for p in net.unflatten(theta):
+        if p:
+            linear = torch.nn.Linear(*p["weight"].shape)
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(p["weight"].T.copy()))
+                linear.bias.copy_(torch.from_numpy(p["bias"].copy()))
+            modules.append(linear)
+        else:
+            modules.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*modules)
+
+
 def cpu_name():
     """The CPU's model name, from /proc/cpuinfo where there is one."""
     try:

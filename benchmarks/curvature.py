@@ -49,17 +49,7 @@ def torch_model(net, theta, threads):
     import torch
 
     torch.set_num_threads(threads)
-    modules = []
-    for p in net.unflatten(theta):
-        if p:
-            linear = torch.nn.Linear(*p["weight"].shape)
-            with torch.no_grad():
-                linear.weight.copy_(torch.from_numpy(p["weight"].T.copy()))
-                linear.bias.copy_(torch.from_numpy(p["bias"].copy()))
-            modules.append(linear)
-        else:
-            modules.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*modules)
+    return common.torch_mlp(net, theta)
 
 
 class ReimplementedPyHessian:

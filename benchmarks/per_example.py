@@ -54,17 +54,7 @@ def backpack_setup(net, theta, X, y, threads):
         return None
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # X needs no gradient
-    modules = []
-    for layer, p in zip(net.layers, net.unflatten(theta)):
-        if p:
-            linear = torch.nn.Linear(layer.in_features, layer.out_features)
-            with torch.no_grad():  # our W is (in, out), torch's weight is (out, in)
-                linear.weight.copy_(torch.from_numpy(p["weight"].T.copy()))
-                linear.bias.copy_(torch.from_numpy(p["bias"].copy()))
-            modules.append(linear)
-        else:
-            modules.append(torch.nn.Tanh())
-    model = backpack.extend(torch.nn.Sequential(*modules))
+    model = backpack.extend(common.torch_mlp(net, theta))
     lossfunc = backpack.extend(torch.nn.CrossEntropyLoss())
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
 
