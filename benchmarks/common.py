@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the MLP problem of DESIGN.md §3 and the machine's name."""
+"""What the benchmark scripts share: the MLP problem of DESIGN.md §3, the machine's name, the allocator switch."""
 
 import platform
 
@@ -57,3 +57,17 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def add_memory_option(parser):
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (default: hvp.reuse_freed_memory())")
+
+
+def apply_memory_option(args):
+    """Call ``hvp.reuse_freed_memory()`` unless ``--default-malloc``; a phrase for the header line."""
+    import hvp
+
+    if not args.default_malloc and hvp.reuse_freed_memory():
+        return "freed memory reused (hvp.reuse_freed_memory)"
+    return "default allocator"

@@ -23,9 +23,7 @@ shows medians. Prints the table and writes it to benchmarks/results/optimizers_l
 
 import argparse
 import os
-import platform
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -33,19 +31,12 @@ import time
 import numpy as np
 
 # This script shares its name with the package it benchmarks: import packages from the repository
-# root, not from this folder (which Python puts first on the path).
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# root first (Python puts this folder first on the path), and this folder's common.py after it.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[0:1] = [os.path.dirname(HERE), HERE]
 
 WIDTHS = (64, 128, 64, 10)
 BATCH = 128
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def digits():
@@ -55,17 +46,6 @@ def digits():
     X, y = load_digits(return_X_y=True)
     X = X / 16.0
     return train_test_split(X, y, test_size=0.2, random_state=0, stratify=y)
-
-
-def network():
-    import hvp
-
-    layers = []
-    for i, (m, n) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
-        layers.append(hvp.Linear(m, n))
-        if i < len(WIDTHS) - 2:
-            layers.append(hvp.Tanh())
-    return hvp.Sequential(*layers)
 
 
 class Ours:
@@ -188,12 +168,15 @@ def methods(net, loss, l2):
 
 
 def main():
+    import common
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of training per method (default 20)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
     parser.add_argument("--l2", type=float, default=0.0, help="weight of l2/2·Σ‖W‖² in the objective (default 0)")
+    common.add_memory_option(parser)
     args = parser.parse_args()
+    memory = common.apply_memory_option(args)
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)
@@ -203,7 +186,7 @@ def main():
     import hvp
 
     Xtr, Xte, ytr, yte = digits()
-    net, loss = network(), hvp.CrossEntropyLoss()
+    net, loss = common.mlp(WIDTHS), hvp.CrossEntropyLoss()
     theta0 = net.init(seed=0)
     checkpoints = [args.budget * f for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)]
     table = methods(net, loss, args.l2)
@@ -226,7 +209,8 @@ def main():
             print(f"repeat {repeat + 1}/{args.repeats}  {name:<40} loss {losses[name][-1][-1]:.4e}  "
                   f"test acc {accuracies[name][-1]:.4f}  steps {n[name]}", flush=True)
 
-    lines = [f"machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} BLAS threads; numpy {np.__version__}",
+    lines = [f"machine: {common.cpu_name()}, {os.cpu_count()} cores, {args.threads} BLAS threads; "
+             f"numpy {np.__version__}; {memory}",
              f"digits: {len(ytr)} train / {len(yte)} test; MLP {'-'.join(map(str, WIDTHS))} tanh, P = "
              f"{net.num_params}, cross-entropy + {args.l2:g}/2·Σ‖W‖², float64; medians of {args.repeats} runs",
              "",
@@ -245,7 +229,7 @@ def main():
     lines += ["", "* lowest training loss at that time"]
     text = "\n".join(lines)
     print("\n" + text)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = os.path.join(HERE, "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"optimizers_l2_{args.l2:g}.txt"), "w") as f:
         f.write(text + "\n")

@@ -4,7 +4,7 @@ MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 a
 float64. Prints medians and ratios measured side by side in this one run; PyTorch and
 JAX rows appear when they are installed.
 
-    python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64]
+    python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64] [--default-malloc]
 """
 
 import argparse
@@ -149,8 +149,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    common.add_memory_option(parser)
     args = parser.parse_args()
-    print(f"machine: {common.cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__} ({blas_kernel()}); "
+    memory = common.apply_memory_option(args)
+    print(f"machine: {common.cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__} ({blas_kernel()}); {memory}; "
           f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, cross-entropy; medians of {args.repeats}")
     for name in args.dtypes:
         dtype = np.dtype(name).type

@@ -16,6 +16,7 @@ from .input_derivatives import (
 )
 from .layers import Linear
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from .memory import reuse_freed_memory
 from .network import Sequential
 from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from .products import Linearization, linearize, loss_and_grad
@@ -29,6 +30,6 @@ __all__ = [
     "Linearization", "linearize", "loss_and_grad",
     "input_jvp", "input_jacobian", "tangent_loss_and_grad", "tangent_sum_grad_squared",
     "SobolevLoss", "JacobianPenalty",
-    "scipy_objective",
+    "scipy_objective", "reuse_freed_memory",
     "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "curvature",
 ]

@@ -53,7 +53,10 @@ class CGResult:
     products : int
         Number of products with A (one more than n after a warm start).
     stop : str
-        Why CG stopped: "progress", "max_iter", "converged", "negative curvature", "nonfinite".
+        Why CG stopped: "progress", "residual", "max_iter", "converged", "negative curvature", "nonfinite".
+    negative_curvature : float
+        After a stop on negative curvature, the Rayleigh quotient ``dᵀAd / dᵀd <= 0`` of the
+        direction d that showed it; 0 otherwise.
     """
 
     x: np.ndarray
@@ -62,9 +65,10 @@ class CGResult:
     iterations: int = 0
     products: int = 0
     stop: str = ""
+    negative_curvature: float = 0.0
 
 
-def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, rtol=1e-10):
+def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, atol=0.0, rtol=1e-10):
     """Minimize ``φ(x) = ½ xᵀ A x + gᵀ x`` by preconditioned conjugate gradient.
 
     Parameters
@@ -82,6 +86,8 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, rtol=
         Iteration cap.
     progress_tol : float or None
         ε of Martens' relative-progress rule (:func:`progress_stalled`); None runs to the cap.
+    atol : float
+        Stop once ``‖r‖₂ <= atol`` (an inexact-Newton forcing rule chosen by the caller); 0: never.
     rtol : float
         Stop once ``‖r‖_{M⁻¹} <= rtol·‖g‖_{M⁻¹}`` (the model is solved to rounding).
 
@@ -111,9 +117,11 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, rtol=
     rz_stop = rtol * rtol * float(g @ (g if inv_m is None else inv_m * g))
     d = -z
     phis, iterates, kept = [phi], [], backtracking_schedule(max_iter)
-    stop, i = "max_iter", 0
+    stop, i, negative_curvature = "max_iter", 0, 0.0
     if not rz > rz_stop:
         stop = "converged"
+    elif atol and float(r @ r) <= atol * atol:  # a warm start may already be good enough
+        stop = "residual"
     while stop == "max_iter" and i < max_iter:
         Ad = matvec(d)
         products += 1
@@ -122,7 +130,7 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, rtol=
             stop = "nonfinite"
             break
         if curvature <= 0:
-            stop = "negative curvature"
+            stop, negative_curvature = "negative curvature", curvature / float(d @ d)
             if i == 0 and not x.any():
                 x = d.copy()
                 phis.append(float(g @ d) + 0.5 * curvature)
@@ -138,6 +146,9 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, rtol=
         if progress_tol is not None and progress_stalled(phis, i, progress_tol):
             stop = "progress"
             break
+        if atol and float(r @ r) <= atol * atol:
+            stop = "residual"
+            break
         z = r if inv_m is None else inv_m * r
         rz_new = float(r @ z)
         if rz_new <= rz_stop:
@@ -148,4 +159,5 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, rtol=
         rz = rz_new
     if not iterates or iterates[-1][0] != i:
         iterates.append((i, x.copy(), phis[i]))
-    return CGResult(x=x, iterates=iterates, phis=phis, iterations=i, products=products, stop=stop)
+    return CGResult(x=x, iterates=iterates, phis=phis, iterations=i, products=products, stop=stop,
+                    negative_curvature=negative_curvature)

@@ -8,11 +8,17 @@ Every part of the recipe is a keyword of :class:`NewtonCG` (and :func:`newton_cg
   ``ρ = (f(θ + p) − f(θ)) / (q(p) − q(0))``: ρ < 1/4 → λ·3/2, ρ > 3/4 → λ·2/3 — Martens 2010, §4.1;
 - preconditioned CG, ``M = (diag(Σ_n g_n²) + l2·[weight] + λ)^0.75`` — Martens 2010, §4.7;
 - CG stopped by the relative progress of ``q`` (k = max(10, 0.1·i), ε = 5e-4) or a cap — Martens 2010, §4.4;
+  and by the inexact-Newton forcing rule ``‖r‖ <= min(1/2, √‖∇f‖)·‖∇f‖``, which keeps CG short far from
+  a minimum — Nocedal & Wright 2006, "Numerical Optimization", Algorithm 7.1;
 - CG warm-started from the previous run's last iterate × 0.95 — Martens 2010, §4.5, with the decay of
   Martens & Sutskever 2012, "Training deep and recurrent networks with Hessian-free optimization";
 - CG-iterate backtracking on f over the iterates kept at i = ⌈5·1.3ʲ⌉ — Martens 2010, §4.6;
 - an Armijo backtracking line search (c = 10⁻², α ← 0.8·α) — Martens & Sutskever 2012 (same chapter);
-- a curvature mini-batch, a rotating subset of the gradient batch — Martens 2010, §4.3.
+- a curvature mini-batch, a rotating subset of the gradient batch — Martens 2010, §4.3;
+- with the exact Hessian, negative curvature ``dᵀ(H + λI)d = κ‖d‖² <= 0`` found by CG lifts the next λ
+  to at least ``3/2·(λ − κ)``, enough to make ``H + λI`` positive along d: a shift of the Hessian by a
+  multiple of I (Nocedal & Wright 2006, §3.4) sized by what CG saw, so that λ does not keep falling
+  while CG keeps stopping short.
 
 Nothing is lost: a step whose new loss is NaN/Inf, whose ρ <= 0, or whose line search fails is
 rejected — θ stays as it was (it is replaced, never written into, only once a step is accepted),
@@ -45,7 +51,8 @@ def update_damping(damping, rho):
     return damping
 
 
-def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack, line_search):
+def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack,
+                 line_search):
     """The switches of the recipe, validated, as a dict of keyword arguments of :func:`hf_step`."""
     if cg_progress_tol is not None:
         cg_progress_tol = check_positive("cg_progress_tol", cg_progress_tol)
@@ -55,12 +62,13 @@ def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm
     return {"adapt_damping": check_bool("adapt_damping", adapt_damping),
             "precondition": check_bool("precondition", precondition),
             "cg_max_iter": check_int("cg_max_iter", cg_max_iter, 1), "cg_progress_tol": cg_progress_tol,
+            "cg_forcing": check_bool("cg_forcing", cg_forcing),
             "warm_start": warm_start, "backtrack": check_bool("backtrack", backtrack),
             "line_search": check_bool("line_search", line_search)}
 
 
 def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, precondition, cg_max_iter,
-            cg_progress_tol, warm_start, backtrack, line_search):
+            cg_progress_tol, cg_forcing, warm_start, backtrack, line_search):
     """One step of Martens' recipe at a point θ.
 
     Parameters
@@ -79,7 +87,7 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
         The last CG iterate of the previous step.
     diag : ndarray (P,) or None
         ``diag(Σ_n g_n²)`` (+ l2 on weights) for the preconditioner.
-    adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack, line_search
+    adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
         The recipe's switches (see :class:`NewtonCG`).
 
     Returns
@@ -102,7 +110,8 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
         value = objective(p)
         return value if np.isfinite(value) else np.inf
 
-    record = {"loss": float(f0), "grad_norm": float(np.linalg.norm(g)), "damping": float(damping),
+    g_norm = float(np.linalg.norm(g))
+    record = {"loss": float(f0), "grad_norm": g_norm, "damping": float(damping),
               "rho": np.nan, "cg_iters": 0, "cg_stop": "nonfinite loss", "cg_iter_used": 0, "products": 0,
               "alpha": 0.0, "trial_loss": np.nan, "fevals": 0, "accepted": False}
     if not (np.isfinite(f0) and np.isfinite(g).all()):
@@ -112,7 +121,8 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
     if precondition and diag is not None:
         precond = (diag + damping) ** PRECONDITIONER_EXPONENT
         precond[precond == 0] = 1  # λ = 0, on parameters that no example's gradient touches
-    cg = pcg(lambda v: curvature(v) + g.dtype.type(damping) * v, g, x0, precond, cg_max_iter, cg_progress_tol)
+    atol = min(0.5, np.sqrt(g_norm)) * g_norm if cg_forcing else 0.0
+    cg = pcg(lambda v: curvature(v) + g.dtype.type(damping) * v, g, x0, precond, cg_max_iter, cg_progress_tol, atol)
     # CG-iterate backtracking: from the last kept iterate back while f keeps falling.
     j = len(cg.iterates) - 1
     f_new = f(cg.iterates[j][1])
@@ -135,7 +145,9 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
             alpha, tries = alpha * ARMIJO_SHRINK, tries + 1
             f_new = f(g.dtype.type(alpha) * p)
     if not accepted:  # raise λ; from 0, to ‖∇f‖ (Levenberg–Marquardt's classic scale)
-        new_damping = damping * DAMPING_UP if damping > 0 else float(np.linalg.norm(g))
+        new_damping = damping * DAMPING_UP if damping > 0 else g_norm
+    if adapt_damping and cg.stop == "negative curvature":  # B + λ'I positive along the direction CG stopped on
+        new_damping = max(new_damping, DAMPING_UP * (damping - cg.negative_curvature))
     record.update(rho=float(rho), cg_iters=cg.iterations, cg_stop=cg.stop, cg_iter_used=i_used,
                   products=cg.products, alpha=alpha if accepted else 0.0, trial_loss=float(f_new),
                   fevals=fevals, accepted=accepted)
@@ -155,7 +167,9 @@ class NewtonCG(Optimizer):
         Start; copied, never modified.
     curvature : {"ggn", "hessian"}
         Curvature matrix B: the generalized Gauss-Newton matrix (positive semi-definite) or the
-        exact Hessian, whose negative curvature ends CG at the last iterate (Martens 2010, §4.2).
+        exact Hessian, whose negative curvature ends CG at the last iterate (Martens 2010, §4.2)
+        and, with ``adapt_damping``, lifts the next λ to at least ``3/2·(λ − κ)``, κ <= 0 the
+        curvature ``dᵀ(H + λI)d / dᵀd`` CG found (Nocedal & Wright 2006, §3.4).
     damping : float
         Initial λ > 0 (≥ 0 with ``adapt_damping=False``); CG solves ``(B + λI) p = −∇L``.
         A rejected step raises λ by 3/2 (from λ = 0: to ``‖∇L‖``).
@@ -171,6 +185,10 @@ class NewtonCG(Optimizer):
     cg_progress_tol : float or None
         ε of Martens' relative-progress rule, k = max(10, 0.1·i) (Martens 2010, §4.4);
         None: CG runs to the cap (or until the model is solved to rounding).
+    cg_forcing : bool
+        Also stop CG once the residual ``‖(B + λI)p + ∇L‖ <= min(1/2, √‖∇L‖)·‖∇L‖``: the forcing
+        rule of truncated Newton (Nocedal & Wright 2006, "Numerical Optimization", Algorithm 7.1),
+        short CG runs far from a minimum and ever more exact ones near it.
     warm_start : float in [0, 1]
         CG starts from the previous step's last CG iterate times this (Martens 2010, §4.5; 0.95 as in
         Martens & Sutskever 2012); 0 starts from zero, as does the step after a rejected one.
@@ -207,14 +225,14 @@ class NewtonCG(Optimizer):
                    ("alpha", "α {:.3f}"), ("accepted", "accepted {!s:5}"), ("seconds", "{:.3f} s"))
 
     def __init__(self, net, loss, theta0, *, curvature="ggn", damping=1.0, adapt_damping=True, precondition=True,
-                 cg_max_iter=250, cg_progress_tol=5e-4, warm_start=0.95, backtrack=True, line_search=True,
-                 curvature_batch=None, l2=0.0, progress=None):
+                 cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True, warm_start=0.95, backtrack=True,
+                 line_search=True, curvature_batch=None, l2=0.0, progress=None):
         super().__init__(net, loss, theta0, l2=l2, progress=progress)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         self.curvature = curvature
-        self.recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start,
-                                   backtrack, line_search)
+        self.recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing,
+                                   warm_start, backtrack, line_search)
         self.initial_damping = check_positive("damping", damping, allow_zero=not self.recipe["adapt_damping"])
         self.damping = self.initial_damping
         if curvature_batch is not None:
@@ -306,8 +324,8 @@ class NewtonCG(Optimizer):
 
 
 def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adapt_damping=True, precondition=True,
-              cg_max_iter=250, cg_progress_tol=5e-4, warm_start=0.95, backtrack=True, line_search=True,
-              gtol=1e-5, maxiter=100, max_rejections=20, callback=None):
+              cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True, warm_start=0.95, backtrack=True,
+              line_search=True, gtol=1e-5, maxiter=100, max_rejections=20, callback=None):
     """Minimize ``fun`` by Martens' damped Newton-CG, given gradient and Hessian-vector products.
 
     Parameters
@@ -325,7 +343,7 @@ def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adap
     hess_diag : callable or None
         ``hess_diag(x, *args) -> (n,)``, a nonnegative diagonal for the preconditioner
         ``(hess_diag + λ)^0.75`` (e.g. Σ_n g_n²); None: no preconditioner.
-    damping, adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack, line_search
+    damping, adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
         As for :class:`NewtonCG`.
     gtol : float
         Stop once ``‖∇f(x)‖₂ <= gtol``.
@@ -355,8 +373,8 @@ def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adap
     x = np.array(x0, dtype=np.float64).ravel()
     if not np.isfinite(x).all():
         raise ValueError(f"x0 must be finite, got {describe(x0)}")
-    recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, warm_start, backtrack,
-                          line_search)
+    recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start,
+                          backtrack, line_search)
     damping = check_positive("damping", damping, allow_zero=not adapt_damping)
     gtol = check_positive("gtol", gtol, allow_zero=True)
     maxiter = check_int("maxiter", maxiter, 0)

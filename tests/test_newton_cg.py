@@ -84,7 +84,8 @@ SWITCHES = {
     "no_warm_start": {"warm_start": 0.0},
     "no_backtracking": {"backtrack": False},
     "no_line_search": {"line_search": False},
-    "cg_cap_only": {"cg_progress_tol": None, "cg_max_iter": 30},
+    "no_forcing_rule": {"cg_forcing": False},
+    "cg_cap_only": {"cg_progress_tol": None, "cg_forcing": False, "cg_max_iter": 30},
     "fixed_damping": {"adapt_damping": False, "damping": 0.1},
     "curvature_batch_quarter": {"curvature_batch": 0.25},
     "curvature_batch_rows": {"curvature_batch": 10},
@@ -187,6 +188,61 @@ def test_cg_warm_start():
     np.testing.assert_allclose(warm.x, cold.x, rtol=1e-8, atol=1e-10)
     bad = _cg.pcg(lambda v: A @ v, g, x0=-cold.x * 3, max_iter=5, progress_tol=None)  # φ(x0) > 0: dropped
     assert bad.phis[0] == 0.0
+
+
+def test_cg_residual_rule_stops_where_it_first_holds():
+    A, g = spd_system(P=80, cond=1e3, seed=6)
+    atol = 0.05 * np.linalg.norm(g)
+    res = _cg.pcg(lambda v: A @ v, g, max_iter=500, progress_tol=None, atol=atol)
+    assert res.stop == "residual"
+    assert np.linalg.norm(A @ res.x + g) <= atol  # the residual recomputed from A, not CG's running one
+    shorter = _cg.pcg(lambda v: A @ v, g, max_iter=res.iterations - 1, progress_tol=None)
+    assert shorter.stop == "max_iter" and np.linalg.norm(A @ shorter.x + g) > atol
+    # A warm start that already meets the tolerance costs one product and no iteration.
+    e = np.random.default_rng(8).normal(size=80)
+    near = np.linalg.solve(A, -g + 0.5 * atol * e / np.linalg.norm(e))  # residual: half the tolerance
+    warm = _cg.pcg(lambda v: A @ v, g, x0=near, progress_tol=None, atol=atol)
+    assert (warm.stop, warm.iterations, warm.products) == ("residual", 0, 1)
+
+
+def quadratic_step(A, g, damping, **switches):
+    """One hf_step on f(p) = ½ pᵀAp + gᵀp at p = 0 with curvature A; everything but the named switches off."""
+    recipe = {**dict(adapt_damping=True, precondition=False, cg_max_iter=200, cg_progress_tol=None,
+                     cg_forcing=False, warm_start=0.0, backtrack=False, line_search=False), **switches}
+    return hessian_free.hf_step(0.0, g, lambda v: A @ v, lambda p: 0.5 * p @ A @ p + g @ p, damping, None, None,
+                                **recipe)
+
+
+@pytest.mark.parametrize("g_norm", [4.0, 0.25, 1e-4], ids=["large_gradient", "medium", "small"])
+def test_forcing_rule_tolerance(g_norm):
+    """CG on (A + λI)p = −g stops once ‖(A + λI)p + g‖ <= min(1/2, √‖g‖)·‖g‖ (Nocedal & Wright, Alg. 7.1)."""
+    A, g = spd_system(P=60, cond=1e4, seed=7)
+    g *= g_norm / np.linalg.norm(g)
+    damping = 1e-3
+    step, record, _, _ = quadratic_step(A, g, damping, cg_forcing=True)
+    tol = min(0.5, np.sqrt(g_norm)) * g_norm
+    assert record["cg_stop"] == "residual" and record["accepted"]
+    assert np.linalg.norm((A + damping * np.eye(60)) @ step + g) <= tol
+    _, full, _, _ = quadratic_step(A, g, damping)
+    assert record["cg_iters"] < full["cg_iters"]
+
+
+def test_negative_curvature_lifts_damping_past_it():
+    """H = diag(2, 1, −0.5), g along the negative eigenvector: CG's first direction has dᵀ(H + λI)d = −0.5 + λ < 0.
+
+    The next λ is 3/2·(λ − κ) with κ = −0.5 + λ, i.e. 3/2·0.5, whatever λ was: H + λ'I is positive along d.
+    """
+    H, g = np.diag([2.0, 1.0, -0.5]), np.array([0.0, 0.0, 1.0])
+    for damping in (0.1, 0.3):
+        _, record, new_damping, _ = quadratic_step(H, g, damping)
+        assert record["cg_stop"] == "negative curvature"
+        assert new_damping == pytest.approx(1.5 * 0.5, rel=1e-12)
+        assert new_damping - 0.5 > 0
+    _, record, new_damping, _ = quadratic_step(H, g, 0.1, adapt_damping=False)  # the rule is part of the adaptation
+    assert record["cg_stop"] == "negative curvature" and new_damping == 0.1
+    _, record, new_damping, _ = quadratic_step(H, g, 2.0)  # no negative curvature: Martens' rule alone
+    assert record["cg_stop"] != "negative curvature"
+    assert new_damping == pytest.approx(hessian_free.update_damping(2.0, record["rho"]))
 
 
 @pytest.mark.parametrize("rho, factor", [(-1.0, 1.5), (0.1, 1.5), (0.2499, 1.5), (0.25, 1.0), (0.5, 1.0),
