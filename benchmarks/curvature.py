@@ -12,11 +12,11 @@ reimplementation of those two documented algorithms in torch runs instead and is
 so. Medians of interleaved repeats, measured side by side in this one run.
 
     python benchmarks/curvature.py [--repeats 3] [--threads 2] [--pyhessian package|reimplemented|none]
+        [--default-malloc]
 """
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
@@ -233,11 +233,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (numpy's BLAS uses its own setting)")
     parser.add_argument("--pyhessian", choices=("package", "reimplemented", "none"), default="package")
+    common.add_memory_option(parser)
     args = parser.parse_args()
+    memory = common.apply_memory_option(args)
 
     net, theta, X, y = common.problem()
     print(f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, float32, P = {net.num_params}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{common.cpu_name()}, {os.cpu_count()} cores, {memory}, "
           f"medians of {args.repeats} interleaved repeats\n")
     H, fast, slow = ours(net, theta, X, y)
     fns = {("hvp", name): fn for name, fn in fast.items()}

@@ -7,6 +7,7 @@ tangents from ``torch.func.jvp`` (one per direction). Medians, all rows timed ro
 this one run. On a loaded machine use ``--threads 1 --cpu-time`` (CPU time of this process).
 
     python benchmarks/input_derivatives.py [--repeats 21] [--threads 2] [--dtype float64] [--cpu-time]
+        [--default-malloc]
 """
 
 import argparse
@@ -92,7 +93,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads; set BLAS threads by environment")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--cpu-time", action="store_true", help="time.process_time instead of wall time")
+    common.add_memory_option(parser)
     args = parser.parse_args()
+    memory = common.apply_memory_option(args)
     dtype = np.dtype(args.dtype).type
     rng = np.random.default_rng(1)
     directions = {k: rng.normal(size=(k, WIDTHS[0])).astype(dtype) for k in (1, 4)}
@@ -110,7 +113,8 @@ def main():
     times = median_seconds(all_fns, args.repeats, time.process_time if args.cpu_time else time.perf_counter)
     mine = {key: t for (who, key), t in times.items() if who == "hvp"}
     theirs = {key: t for (who, key), t in times.items() if who == "PyTorch"}
-    print(f"{os.cpu_count()} cores, MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, {args.dtype}, "
+    print(f"{common.cpu_name()}, {os.cpu_count()} cores, {memory}, "
+          f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, {args.dtype}, "
           f"cross-entropy + {PENALTY} Jacobian penalty; medians of {args.repeats} "
           f"({'CPU' if args.cpu_time else 'wall'} time)")
     print(f"{'quantity':<32}{'hvp ms':>9}{'÷ grad':>8}{'PyTorch ms':>12}{'÷ its grad':>12}{'hvp ÷ PyTorch':>15}")

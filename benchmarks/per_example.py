@@ -10,7 +10,7 @@ of the ratio within a round, which a shared machine's drifting load skews least)
 memory allocated during one call (tracemalloc for hvp, torch's profiler for BackPACK). A last
 line checks that both libraries computed the same numbers.
 
-    python benchmarks/per_example.py [--repeats 15] [--threads 2]
+    python benchmarks/per_example.py [--repeats 15] [--threads 2] [--default-malloc]
 """
 
 import argparse
@@ -166,7 +166,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2, help="BLAS and torch threads (default 2)")
+    common.add_memory_option(parser)
     args = parser.parse_args()
+    memory = common.apply_memory_option(args)
     load_before = os.getloadavg()[0]
     blas_limited = limit_blas_threads(args.threads)
     net, theta, X, y = common.problem()
@@ -185,7 +187,7 @@ def main():
 
     print(f"machine: {common.cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; MLP "
           f"{'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, float32, cross-entropy (mean), "
-          f"P = {net.num_params}; {args.repeats} rounds; load average before/after "
+          f"P = {net.num_params}; {memory}; {args.repeats} rounds; load average before/after "
           f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
     print(f"threads: {args.threads} for torch and {'for' if blas_limited else 'not set for'} numpy's BLAS; "
           "ms: median time; ratios: median over rounds of the ratio within a round")
