@@ -169,7 +169,9 @@ class NewtonCG(Optimizer):
         Curvature matrix B: the generalized Gauss-Newton matrix (positive semi-definite) or the
         exact Hessian, whose negative curvature ends CG at the last iterate (Martens 2010, §4.2)
         and, with ``adapt_damping``, lifts the next λ to at least ``3/2·(λ − κ)``, κ <= 0 the
-        curvature ``dᵀ(H + λI)d / dᵀd`` CG found (Nocedal & Wright 2006, §3.4).
+        curvature ``dᵀ(H + λI)d / dᵀd`` CG found (Nocedal & Wright 2006, §3.4). The GGN is the
+        safe choice for deep nets far from a minimum; near one, where the loss's residual is not
+        zero, it converges only linearly and the Hessian is faster (benchmarks/optimizers.py).
     damping : float
         Initial λ > 0 (≥ 0 with ``adapt_damping=False``); CG solves ``(B + λI) p = −∇L``.
         A rejected step raises λ by 3/2 (from λ = 0: to ``‖∇L‖``).
