@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the MLP problem of DESIGN.md §3, the machine's name, the allocator switch."""
 
 import platform
+import time
 
 import numpy as np
 
@@ -57,6 +58,19 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def median_seconds(fns, repeats, clock=time.perf_counter):
+    """Round-robin: one untimed call of each function, then every repeat runs each once; medians."""
+    for fn in fns.values():
+        fn()
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = clock()
+            fn()
+            times[key].append(clock() - start)
+    return {key: float(np.median(t)) for key, t in times.items()}
 
 
 def add_memory_option(parser):

@@ -21,19 +21,6 @@ from common import BATCH, WIDTHS
 PENALTY = 0.1
 
 
-def median_seconds(fns, repeats, clock):
-    """Round-robin: every repeat runs each function once; medians per function."""
-    for fn in fns.values():
-        fn()
-    times = {key: [] for key in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = clock()
-            fn()
-            times[key].append(clock() - start)
-    return {key: float(np.median(t)) for key, t in times.items()}
-
-
 def ours(dtype, directions):
     import hvp
 
@@ -110,7 +97,7 @@ def main():
               f"(largest entry {np.abs(theirs).max():.2e})")
     all_fns = {("hvp", key): fn for key, fn in fns.items()}
     all_fns.update({("PyTorch", key): fn for key, fn in peer.items()})
-    times = median_seconds(all_fns, args.repeats, time.process_time if args.cpu_time else time.perf_counter)
+    times = common.median_seconds(all_fns, args.repeats, time.process_time if args.cpu_time else time.perf_counter)
     mine = {key: t for (who, key), t in times.items() if who == "hvp"}
     theirs = {key: t for (who, key), t in times.items() if who == "PyTorch"}
     print(f"{common.cpu_name()}, {os.cpu_count()} cores, {memory}, "

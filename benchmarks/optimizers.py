@@ -119,22 +119,15 @@ class Scipy:
             self.thread.join()
 
 
-def product_times(net, loss, theta, X, y, l2, repeats=20):
-    """Median ms of a gradient, a linearization and one hvp / ggnvp on the whole training set."""
+def product_fns(net, loss, theta, X, y, l2):
+    """A gradient, a linearization and one hvp / ggnvp on the whole training set, as callables."""
     import hvp
 
     pt = hvp.linearize(net, loss, theta, X, y, l2)
     v = np.random.default_rng(0).normal(size=theta.size)
-    fns = {"gradient": lambda: hvp.loss_and_grad(net, loss, theta, X, y, l2=l2),
-           "linearize": lambda: hvp.linearize(net, loss, theta, X, y, l2),
-           "hvp": lambda: pt.hvp(v), "ggnvp": lambda: pt.ggnvp(v)}
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+    return {"gradient": lambda: hvp.loss_and_grad(net, loss, theta, X, y, l2=l2),
+            "linearize": lambda: hvp.linearize(net, loss, theta, X, y, l2),
+            "hvp": lambda: pt.hvp(v), "ggnvp": lambda: pt.ggnvp(v)}
 
 
 def race(runners, theta0, checkpoints):
@@ -212,9 +205,9 @@ def main():
     Xtr, Xte, ytr, yte = digits()
     net, loss = common.mlp(WIDTHS), hvp.CrossEntropyLoss()
     theta0 = net.init(seed=0)
-    products = product_times(net, loss, theta0, Xtr, ytr, args.l2)
+    products = common.median_seconds(product_fns(net, loss, theta0, Xtr, ytr, args.l2), repeats=20)
     products = "on the whole training set at θ0, median ms: " + ", ".join(
-        f"{name} {ms:.2f}" for name, ms in products.items())
+        f"{name} {1e3 * seconds:.2f}" for name, seconds in products.items())
     print(products, flush=True)
     if args.repeats == 0:
         return
