@@ -39,6 +39,12 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
     hessp : callable
         ``hessp(theta, p) -> ndarray (P,)`` for p (P,).
 
+    Notes
+    -----
+    A θ or p with NaN or Inf entries gives a NaN value, gradient or product, as a plain numpy
+    objective would, rather than an error: scipy's "trust-krylov" can step to such points near
+    convergence, and it recovers from a NaN (shrinking its trust region) but not from an exception.
+
     Examples
     --------
     >>> fun, jac, hessp = hvp.scipy_objective(net, loss, X, y, l2=1e-3)
@@ -63,13 +69,18 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
         del recent[:-2]
         return recent[-1]
 
+    def finite(*arrays):  # scipy's trust-krylov can step to NaN near convergence and recovers from NaN
+        return all(np.isfinite(a).all() for a in arrays)
+
     def fun(theta):
-        return at(theta).loss
+        return at(theta).loss if finite(theta) else np.nan
 
     def jac(theta):
-        return at(theta).grad.copy()
+        return at(theta).grad.copy() if finite(theta) else np.full(np.shape(theta), np.nan)
 
     def hessp(theta, p):
+        if not finite(theta, p):
+            return np.full(np.shape(p), np.nan)
         pt = at(theta)
         return pt.hvp(p) if curvature == "hessian" else pt.ggnvp(p)
 

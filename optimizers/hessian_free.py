@@ -38,6 +38,8 @@ from ._cg import pcg
 
 CURVATURES = ("ggn", "hessian")
 DAMPING_UP, DAMPING_DOWN = 3 / 2, 2 / 3
+MAX_GROWTH_DOUBLINGS = 20  # a run of rejections raises λ by at most 3/2·2^20 per step
+ROUNDING_ULPS = 100  # a predicted decrease below this many ulps of |f| is rounding: ρ is not measured
 PRECONDITIONER_EXPONENT = 0.75
 ARMIJO_C, ARMIJO_SHRINK, ARMIJO_MAX_STEPS = 1e-2, 0.8, 30
 
@@ -49,6 +51,24 @@ def update_damping(damping, rho):
     if rho > 0.75:
         return damping * DAMPING_DOWN
     return damping
+
+
+def raise_damping(damping, rejections, g_norm):
+    """λ after a rejected step: ``λ·3/2·2^r`` after r rejections in a row before this one; from 0, ``‖∇f‖``.
+
+    Martens' factor 3/2 for a single rejection (Martens 2010, §4.1); a run of them doubles the
+    factor each time, as Nielsen's rule doubles ν (Madsen, Nielsen & Tingleff 2004, "Methods for
+    non-linear least squares problems", eq. 3.16), so that a λ too small by a factor 10⁴ is
+    recovered in 6 rejections rather than 23.
+    """
+    if damping == 0:
+        return g_norm
+    return damping * DAMPING_UP * 2.0 ** min(rejections, MAX_GROWTH_DOUBLINGS)
+
+
+def rounding_level(f0, dtype):
+    """How far f may move by rounding alone near ``f0``: ``ROUNDING_ULPS`` ulps of ``|f0|`` in ``dtype``."""
+    return ROUNDING_ULPS * float(np.finfo(dtype).eps) * abs(f0)
 
 
 def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack,
@@ -67,7 +87,7 @@ def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_f
             "line_search": check_bool("line_search", line_search)}
 
 
-def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, precondition, cg_max_iter,
+def hf_step(f0, g, curvature, objective, damping, warm, diag, rejections=0, *, adapt_damping, precondition, cg_max_iter,
             cg_progress_tol, cg_forcing, warm_start, backtrack, line_search):
     """One step of Martens' recipe at a point θ.
 
@@ -87,6 +107,8 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
         The last CG iterate of the previous step.
     diag : ndarray (P,) or None
         ``diag(Σ_n g_n²)`` (+ l2 on weights) for the preconditioner.
+    rejections : int
+        Rejected steps in a row just before this one (:func:`raise_damping`).
     adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
         The recipe's switches (see :class:`NewtonCG`).
 
@@ -113,9 +135,9 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
     g_norm = float(np.linalg.norm(g))
     record = {"loss": float(f0), "grad_norm": g_norm, "damping": float(damping),
               "rho": np.nan, "cg_iters": 0, "cg_stop": "nonfinite loss", "cg_iter_used": 0, "products": 0,
-              "alpha": 0.0, "trial_loss": np.nan, "fevals": 0, "accepted": False}
+              "alpha": 0.0, "trial_loss": np.nan, "fevals": 0, "accepted": False, "rounding": False}
     if not (np.isfinite(f0) and np.isfinite(g).all()):
-        return None, record, damping * DAMPING_UP, None
+        return None, record, raise_damping(damping, rejections, g_norm), None
     x0 = warm * g.dtype.type(warm_start) if warm is not None and warm_start > 0 else None
     precond = None
     if precondition and diag is not None:
@@ -132,11 +154,15 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
             break
         j, f_new = j - 1, f_prev
     i_used, p, q_p = cg.iterates[j]
-    rho = (f_new - f0) / q_p if q_p < 0 else np.nan
-    accepted = bool(np.isfinite(f_new) and rho > 0)
+    # A predicted decrease within the rounding of f cannot be checked against f: such a step is
+    # accepted unless f rises beyond rounding, with ρ unmeasured and λ left as it is.
+    noise = rounding_level(f0, g.dtype)
+    rounding = bool(0 < -q_p <= noise)
+    rho = (f_new - f0) / q_p if q_p < 0 and not rounding else np.nan
+    accepted = bool(f_new <= f0 + noise) if rounding else bool(np.isfinite(f_new) and rho > 0)
     alpha = 1.0
-    new_damping = update_damping(damping, rho) if adapt_damping and accepted else damping
-    if accepted and line_search:  # Armijo: f(θ + αp) <= f(θ) + c·α·gᵀp
+    new_damping = update_damping(damping, rho) if adapt_damping and accepted and not rounding else damping
+    if accepted and line_search and not rounding:  # Armijo: f(θ + αp) <= f(θ) + c·α·gᵀp
         slope, tries = float(g @ p), 0
         while not f_new <= f0 + ARMIJO_C * alpha * slope:
             if tries == ARMIJO_MAX_STEPS:
@@ -144,13 +170,13 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, *, adapt_damping, 
                 break
             alpha, tries = alpha * ARMIJO_SHRINK, tries + 1
             f_new = f(g.dtype.type(alpha) * p)
-    if not accepted:  # raise λ; from 0, to ‖∇f‖ (Levenberg–Marquardt's classic scale)
-        new_damping = damping * DAMPING_UP if damping > 0 else g_norm
+    if not accepted:
+        new_damping = raise_damping(damping, rejections, g_norm)
     if adapt_damping and cg.stop == "negative curvature":  # B + λ'I positive along the direction CG stopped on
         new_damping = max(new_damping, DAMPING_UP * (damping - cg.negative_curvature))
     record.update(rho=float(rho), cg_iters=cg.iterations, cg_stop=cg.stop, cg_iter_used=i_used,
                   products=cg.products, alpha=alpha if accepted else 0.0, trial_loss=float(f_new),
-                  fevals=fevals, accepted=accepted)
+                  fevals=fevals, accepted=accepted, rounding=rounding)
     step = g.dtype.type(alpha) * p if accepted else None
     warm = cg.x if accepted and np.isfinite(cg.x).all() else None  # a rejected step's CG solution is dropped
     return step, record, new_damping, warm
@@ -315,8 +341,11 @@ class NewtonCG(Optimizer):
                     value += 0.5 * l2 * float(w @ w)
             return value
 
+        rejections = 0  # rejected steps in a row before this one
+        while rejections < len(self.history) and not self.history[-1 - rejections]["accepted"]:
+            rejections += 1
         step, record, damping, warm = hf_step(pt.loss, pt.grad, curvature, objective, self.damping, self._warm,
-                                              diag, **self.recipe)
+                                              diag, rejections, **self.recipe)
         if step is not None:
             self.theta = theta + step
         self.damping, self._warm, self._offset = damping, warm, next_offset
@@ -412,7 +441,7 @@ def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adap
             return np.asarray(hessp(x, v, *args), dtype=np.float64).ravel()
 
         step, record, damping, warm = hf_step(f0, g, curvature, lambda p, x=x: value(x + p), damping, warm, diag,
-                                              **recipe)
+                                              rejected, **recipe)
         if step is not None:
             x = x + step
             f0, g = value_and_grad(x)

@@ -251,6 +251,87 @@ def test_levenberg_marquardt_rule(rho, factor):
     assert hessian_free.update_damping(2.0, rho) == pytest.approx(2.0 * factor, rel=1e-15)
 
 
+def test_a_run_of_rejections_raises_damping_ever_faster():
+    # 3/2 for one rejection (Martens); the factor doubles with each further rejection in a row.
+    lams = [2.0]
+    for r in range(5):
+        lams.append(hessian_free.raise_damping(lams[-1], r, g_norm=7.0))
+    assert lams == pytest.approx([2.0, 3.0, 9.0, 54.0, 648.0, 15552.0], rel=1e-15)
+    assert hessian_free.raise_damping(0.0, 3, g_norm=7.0) == 7.0  # from 0: the gradient's norm
+
+
+def test_damping_recovers_in_a_few_rejections_at_extreme_scales():
+    # Inputs × 1e4 put the logits of a linear softmax model near ±1e4: λ0 = 1 is far too small,
+    # and ρ < 0 until λ has grown by about 10^4. With 3/2 per rejection that took 20 rejections.
+    net, loss, _, X, y = mlp_problem()
+    net = hvp.Sequential(hvp.Linear(3, 3))
+    theta0 = net.init(seed=0)
+    X = X * 1e4
+    assert np.abs(net.forward(theta0, X)).max() > 1e4
+    for curvature in ("ggn", "hessian"):
+        opt = optimizers.NewtonCG(net, loss, theta0, curvature=curvature)
+        res = opt.minimize((X, y), max_iters=30, gtol=0.0)
+        accepted = [r["accepted"] for r in res.history]
+        assert res.status != 2, res.message
+        assert accepted.index(True) <= 6, accepted
+        assert res.fun < 0.1 * res.history[0]["loss"]
+
+
+def quantized(value, ulps=32):
+    """``value`` rounded to a grid of ``ulps`` ulps of 1: f computed with a coarser rounding than float64's.
+
+    Steps whose true decrease is below the grid leave f unchanged or move it by one grid step either way,
+    on any machine: the endgame of a Newton method, where ρ is no longer measurable.
+    """
+    delta = ulps * np.finfo(np.float64).eps
+    return float(np.round(value / delta) * delta)
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["rounding_rule", "without_the_rule"])
+def test_newton_cg_steps_at_rounding_level_are_not_judged_by_rho(rule, monkeypatch):
+    A, g = spd_system(P=20, cond=1e3, seed=6)
+    if not rule:  # the behaviour before: every step judged by ρ, ending in a run of rejections
+        monkeypatch.setattr(hessian_free, "ROUNDING_ULPS", 0)
+    res = optimizers.newton_cg(lambda x: quantized(phi(A, g, x)), np.zeros(20), lambda x: A @ x + g,
+                               lambda x, p: A @ p, damping=1e-3, gtol=1e-12, maxiter=60)
+    if not rule:
+        assert res.status == 2, res.message
+        return
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, np.linalg.solve(A, -g), rtol=1e-9)
+    rounding = [r for r in res.history if r["rounding"]]
+    assert rounding and all(r["accepted"] and np.isnan(r["rho"]) for r in rounding)
+
+
+class QuantizedMSE(hvp.MSELoss):
+    """MSE whose value is rounded to a grid of 32 ulps of 1."""
+
+    def forward(self, O, y):
+        value, cache = super().forward(O, y)
+        return quantized(value), cache
+
+
+def test_newton_cg_class_steps_at_rounding_level_are_not_judged_by_rho():
+    rng = np.random.default_rng(1)
+    net = hvp.Sequential(hvp.Linear(4, 3))  # a linear model: the GGN is the Hessian of MSE
+    X, Y = rng.normal(size=(50, 4)) * np.array([0.1, 1, 3, 10]), rng.normal(size=(50, 3))
+    opt = optimizers.NewtonCG(net, QuantizedMSE(), net.init(seed=0), damping=1e-3)
+    res = opt.minimize((X, Y), max_iters=60, gtol=1e-12)
+    assert res.success, res.message
+    W = np.linalg.lstsq(np.hstack([X, np.ones((50, 1))]), Y, rcond=None)[0]  # [W; b]: θ's layout
+    np.testing.assert_allclose(res.x, W.ravel(), rtol=1e-9, atol=1e-12)
+    assert any(r["rounding"] and r["accepted"] for r in res.history)
+
+
+def test_a_step_that_raises_f_beyond_rounding_is_rejected():
+    # A predicted decrease at rounding level, but f rises by 1000 ulps: rejected, θ unchanged.
+    f0, g = 1.0, np.array([1e-9, 0.0])
+    step, record, _, _ = hessian_free.hf_step(
+        f0, g, lambda v: v, lambda p: f0 + 1000 * np.spacing(f0), 1e-3, None, None,
+        **hessian_free.check_recipe(True, False, 10, 5e-4, True, 0.95, True, True))
+    assert record["rounding"] and not record["accepted"] and step is None
+
+
 # --------------------------------------------------------------------------- what a step feeds to CG
 
 
@@ -337,7 +418,7 @@ def test_faulty_step_is_rejected_theta_unchanged(fault, monkeypatch):
         record = opt.step(X, y)
         assert not record["accepted"]
         assert np.array_equal(opt.theta, before)
-        assert opt.damping == pytest.approx(0.5 * 1.5 ** (k + 1))
+        assert opt.damping == pytest.approx(0.5 * math.prod(1.5 * 2**r for r in range(k + 1)))
     monkeypatch.undo()
     loss.fault, loss.calls = None, 0
     assert opt.step(X, y)["accepted"]  # recovers once the fault is gone
@@ -516,7 +597,7 @@ def test_newton_cg_rejects_nan_objective():
 
     res = optimizers.newton_cg(fun, np.ones(3), lambda x: 2 * x, lambda x, p: 2 * p, maxiter=4, max_rejections=3)
     assert res.status == 2 and np.array_equal(res.x, np.ones(3))
-    assert [r["damping"] for r in res.history] == pytest.approx([1.0, 1.5, 2.25])
+    assert [r["damping"] for r in res.history] == pytest.approx([1.0, 1.5, 1.5 * 3])
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
