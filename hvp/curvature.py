@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 from scipy.linalg import eigh_tridiagonal
-from scipy.sparse.linalg import LinearOperator, aslinearoperator, eigsh
+from scipy.sparse.linalg import ArpackError, LinearOperator, aslinearoperator, eigsh
 
 from ._checks import describe
 
@@ -208,8 +208,12 @@ def eigenvalues(op, k=1, which="largest", tol=1e-6, maxiter=None, method="lanczo
     which runs it with one vector, widened to a block. For "largest"/"smallest" it is
     shifted by the farthest Ritz value of the other sign, so that the wanted end dominates.
     Lanczos needs far fewer products for the same accuracy; "smallest" in particular
-    converges slowly with power iteration. The smallest eigenvalues of a singular GGN or
-    empirical Fisher are a cluster of zeros, which no relative tolerance resolves.
+    converges slowly with power iteration. Where ARPACK stops because its Krylov space ran out
+    (its error -9, "starting vector is zero": an operator that is identically zero, such as the
+    Hessian of cross-entropy with one class, or one of tiny rank), the power method takes over
+    and the result says ``method="power"``; for a zero operator it returns k zeros. The smallest
+    eigenvalues of a singular GGN or empirical Fisher are a cluster of zeros, which no relative
+    tolerance resolves.
 
     Parameters
     ----------
@@ -258,9 +262,14 @@ def eigenvalues(op, k=1, which="largest", tol=1e-6, maxiter=None, method="lanczo
     try:
         if method == "lanczos":
             v0 = rng.standard_normal(n).astype(op.dtype)
-            values, vectors = eigsh(counted, k=k, which=_ARPACK_WHICH[which], v0=v0, tol=tol, maxiter=maxiter)
-            converged = True
-        else:
+            try:
+                values, vectors = eigsh(counted, k=k, which=_ARPACK_WHICH[which], v0=v0, tol=tol, maxiter=maxiter)
+                converged = True
+            except ArpackError as e:
+                if not str(e).startswith("ARPACK error -9:"):  # the Krylov space ran out, e.g. op v0 = 0
+                    raise
+                method = "power"
+        if method == "power":
             b = min(n, 2 * k) if block_size is None else _positive_int("block_size", block_size, k)
             values, vectors, converged = _block_power(counted, k, b, which, tol, maxiter or 100, rng)
     finally:

@@ -129,6 +129,20 @@ def test_eigenvalues_report_matvecs_and_are_deterministic(method):
     np.testing.assert_array_equal(first.vectors, again.vectors)
 
 
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+def test_eigenvalues_of_an_identically_zero_hessian(which):
+    # Cross-entropy with one class is constant (log softmax of one logit is 0): H = 0, and ARPACK
+    # stops with its error -9 at once; the power method gives the k zero eigenvalues instead.
+    net = hvp.Sequential(hvp.Linear(3, 4), hvp.Tanh(), hvp.Linear(4, 1))
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    H = hvp.HessianOperator(net, hvp.CrossEntropyLoss(), net.init(seed=0), (X, np.zeros(6, dtype=np.int64)))
+    assert not np.any(oracles.dense_matrix(H.matvec, net.num_params))
+    result = curvature.eigenvalues(H, k=3, which=which)
+    assert result.method == "power" and result.converged
+    assert np.array_equal(result.values, np.zeros(3))
+    np.testing.assert_allclose(result.vectors.T @ result.vectors, np.eye(3), atol=1e-12)
+
+
 def test_eigenvalues_of_float32_operator():
     pr = make_problem(DEEP, "ce_labels", "mean", batch=16, seed=3, dtype=np.float32)
     op = hvp.HessianOperator(pr.net, pr.loss, pr.theta, (pr.X, pr.y))
