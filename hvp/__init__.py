@@ -14,6 +14,7 @@ from .input_derivatives import (
     tangent_loss_and_grad,
     tangent_sum_grad_squared,
 )
+from .kfac import KFACOperator
 from .layers import Linear
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .memory import reuse_freed_memory
@@ -31,5 +32,5 @@ __all__ = [
     "input_jvp", "input_jacobian", "tangent_loss_and_grad", "tangent_sum_grad_squared",
     "SobolevLoss", "JacobianPenalty",
     "scipy_objective", "reuse_freed_memory",
-    "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "curvature",
+    "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "KFACOperator", "curvature",
 ]

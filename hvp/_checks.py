@@ -1,23 +1,91 @@
-"""Input validation: every message says what was expected and what came."""
+"""Input validation: every message says what was expected and what came.
+
+This module imports nothing else of hvp (every module imports it): a network and a loss are
+recognized by their attributes.
+"""
+
+import inspect
+import numbers
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NET_ATTRIBUTES = ("layers", "num_params", "unflatten", "forward_cached")
+LOSS_METHODS = ("check_target", "forward", "backward", "hessian_vp")
 
 
 def describe(a):
     """Short description of an argument for error messages."""
     if isinstance(a, np.ndarray):
         return f"an array of shape {a.shape} and dtype {a.dtype}"
-    return f"{type(a).__name__} {a!r}"[:120]
+    if isinstance(a, type):
+        return f"the class {a.__name__}"
+    text = repr(a)
+    return (text if text.startswith(type(a).__name__) else f"{type(a).__name__} {text}")[:120]
+
+
+def call_hint(cls):
+    """How to make an instance of ``cls``, e.g. ``hvp.Tanh()`` or ``hvp.Linear(in_features, out_features)``."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    args = [("*" if p.kind is p.VAR_POSITIONAL else "") + p.name for p in params
+            if p.kind is p.VAR_POSITIONAL or (p.default is p.empty and p.kind is not p.VAR_KEYWORD)]
+    prefix = "hvp." if cls.__module__.split(".")[0] == "hvp" else ""
+    return f"{prefix}{cls.__name__}({', '.join(args)})"
+
+
+def check_instance(name, value, expected):
+    """Raise a TypeError naming ``name`` if ``value`` is a class where an instance belongs (hvp.Tanh for hvp.Tanh())."""
+    if isinstance(value, type):
+        raise TypeError(f"{name} must be {expected}, got {describe(value)} (call it: {call_hint(value)})")
+    return value
+
+
+def check_net(net):
+    """``net``: an hvp.Sequential (an object with its attributes ``layers``, ``num_params``, … )."""
+    expected = "an hvp.Sequential"
+    check_instance("net", net, expected)
+    if not all(hasattr(net, name) for name in NET_ATTRIBUTES):
+        raise TypeError(f"net must be {expected}, got {describe(net)}")
+    return net
+
+
+def check_loss(loss, name="loss"):
+    """``loss``: an instance of an hvp loss on the outputs, such as hvp.CrossEntropyLoss()."""
+    expected = "an hvp loss instance such as hvp.CrossEntropyLoss()"
+    check_instance(name, loss, expected)
+    if not all(callable(getattr(loss, method, None)) for method in LOSS_METHODS):
+        raise TypeError(f"{name} must be {expected}, got {describe(loss)}")
+    return loss
+
+
+def check_seed(seed, name="seed"):
+    """``numpy.random.default_rng(seed)`` for seed None, an int >= 0 or a numpy.random.Generator.
+
+    A SeedSequence or BitGenerator, which ``default_rng`` also takes, is accepted too.
+    """
+    expected = "an int >= 0, None or a numpy.random.Generator"
+    if not (seed is None or isinstance(seed, (np.random.Generator, np.random.SeedSequence, np.random.BitGenerator))):
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"{name} must be {expected}, got {describe(seed)}")
+        if seed < 0:
+            raise ValueError(f"{name} must be {expected}, got {seed}")
+    return np.random.default_rng(seed)
 
 
 def real_array(name, a, dtype=None):
     """``a`` as an array of real numbers (converted to ``dtype`` if given), never a copy if it fits.
 
-    Raises TypeError for complex, object, string or boolean data.
+    Raises TypeError for complex, object, string or boolean data, ValueError for a ragged
+    nested sequence.
     """
-    arr = np.asarray(a)
+    try:
+        arr = np.asarray(a)
+    except ValueError:  # numpy >= 1.24 on a ragged nested sequence
+        raise ValueError(f"{name} must be a rectangular array of real numbers, got a ragged nested sequence "
+                         f"{describe(a)}") from None
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must hold real numbers, got {describe(a)}")
     return arr if dtype is None else arr.astype(dtype, copy=False)
@@ -54,13 +122,19 @@ def check_inputs(X, in_features, dtype):
     return X
 
 
+def check_real(name, value, minimum=None):
+    """A finite real number (not a bool), ``>= minimum`` if given, as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {describe(value)}")
+    if not np.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
 def check_nonnegative(name, value):
     """A finite real number >= 0 (a penalty weight), as a float."""
-    if isinstance(value, (bool, np.bool_)) or not np.isscalar(value) or not np.isreal(value):
-        raise TypeError(f"{name} must be a real number, got {describe(value)}")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_real(name, value, minimum=0)
 
 
 def check_l2(l2):
@@ -68,6 +142,8 @@ def check_l2(l2):
 
 
 def check_reduction(reduction):
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be 'mean' or 'sum', got {describe(reduction)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return reduction
@@ -81,3 +157,9 @@ def check_direction(name, v, num_params, dtype):
                          f"got shape {v.shape}")
     check_finite(name, v)
     return v
+
+
+def check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}")
+    return bool(value)

@@ -18,6 +18,8 @@ skipped.
 import numpy as np
 from scipy.special import expit
 
+from ._checks import check_real
+
 
 def _is_zero(a):
     return np.ndim(a) == 0 and a == 0
@@ -114,10 +116,16 @@ class ReLU(Elementwise):
 
 
 class LeakyReLU(Elementwise):
-    """σ(x) = x for x > 0, ``negative_slope``·x otherwise."""
+    """σ(x) = x for x > 0, ``negative_slope``·x otherwise.
+
+    Parameters
+    ----------
+    negative_slope : float
+        A finite real number.
+    """
 
     def __init__(self, negative_slope=0.01):
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = check_real("negative_slope", negative_slope)
 
     def __repr__(self):
         return f"LeakyReLU(negative_slope={self.negative_slope})"
@@ -186,10 +194,16 @@ class Softplus(Elementwise):
 
 
 class ELU(Elementwise):
-    """σ(x) = x for x > 0, α(eˣ − 1) otherwise; σ′ = 1 or y + α; σ″ = 0 or y + α."""
+    """σ(x) = x for x > 0, α(eˣ − 1) otherwise; σ′ = 1 or y + α; σ″ = 0 or y + α.
+
+    Parameters
+    ----------
+    alpha : float
+        α, a finite real number.
+    """
 
     def __init__(self, alpha=1.0):
-        self.alpha = float(alpha)
+        self.alpha = check_real("alpha", alpha)
 
     def __repr__(self):
         return f"ELU(alpha={self.alpha})"

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import ArpackError, LinearOperator, aslinearoperator, eigsh
 
-from ._checks import describe
+from ._checks import check_bool, check_seed, describe, real_array
 
 _ARPACK_WHICH = {"largest": "LA", "smallest": "SA", "magnitude": "LM"}
 # Dense factorizations use numpy.linalg: the same BLAS as the products. scipy.linalg links
@@ -72,6 +72,8 @@ class _Progress:
     """A one-line progress report on stderr for runs longer than ``after`` seconds, redrawn at most once a second."""
 
     def __init__(self, label, total, show, after=2.0):
+        if show not in (None, True, False):
+            raise TypeError(f"progress must be None, True or False, got {describe(show)}")
         self.label, self.total, self.show, self.after = label, total, show, after
         self.start = time.perf_counter()
         self.last = None  # time of the last report
@@ -257,7 +259,9 @@ def eigenvalues(op, k=1, which="largest", tol=1e-6, maxiter=None, method="lanczo
     _choice("method", method, ("lanczos", "power"))
     if not (np.isscalar(tol) and np.isreal(tol) and tol >= 0):
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    rng = np.random.default_rng(seed)
+    if maxiter is not None:
+        maxiter = _positive_int("maxiter", maxiter)
+    rng = check_seed(seed)
     counted = _Counted(op, _Progress(f"eigenvalues ({method})", None, progress))
     try:
         if method == "lanczos":
@@ -343,7 +347,7 @@ def trace(op, num_matvecs=100, method="hutchinson", seed=0, block_size=8, progre
     _choice("method", method, ("hutchinson", "hutch++", "xtrace"))
     m = _positive_int("num_matvecs", num_matvecs, 2 if method == "hutchinson" else 4)
     block_size = _positive_int("block_size", block_size)
-    rng = np.random.default_rng(seed)
+    rng = check_seed(seed)
     counted = _Counted(op, _Progress(f"trace ({method})", m, progress))
     try:
         if method == "hutchinson":
@@ -431,7 +435,7 @@ def diagonal(op, num_matvecs=100, seed=0, block_size=8, progress=None):
     op = _operator(op)
     m = _positive_int("num_matvecs", num_matvecs)
     block_size = _positive_int("block_size", block_size)
-    rng = np.random.default_rng(seed)
+    rng = check_seed(seed)
     counted = _Counted(op, _Progress("diagonal", m, progress))
     total = np.zeros(op.shape[0])
     try:
@@ -501,9 +505,10 @@ def spectral_density(op, num_probes=10, lanczos_steps=80, grid=None, sigma=None,
     n = op.shape[0]
     num_probes = _positive_int("num_probes", num_probes)
     steps = min(_positive_int("lanczos_steps", lanczos_steps), n)
+    reorthogonalize = check_bool("reorthogonalize", reorthogonalize)
     if sigma is not None and not (np.isscalar(sigma) and np.isreal(sigma) and np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    rng = np.random.default_rng(seed)
+    rng = check_seed(seed)
     counted = _Counted(op, _Progress("spectral density", num_probes * steps, progress))
     try:
         start = _rademacher(rng, n, num_probes, op.dtype).T / op.dtype.type(np.sqrt(n))
@@ -527,7 +532,7 @@ def spectral_density(op, num_probes=10, lanczos_steps=80, grid=None, sigma=None,
             _positive_int("grid", grid, 2)
         grid = np.linspace(lo, hi, points)
     else:
-        grid = np.asarray(grid, dtype=np.float64)
+        grid = real_array("grid", grid, np.float64)
         if grid.ndim != 1 or grid.size == 0 or not np.isfinite(grid).all():
             raise ValueError(f"grid must be a number of points or a finite 1-D array, got {describe(grid)}")
     density = _gaussian_mixture(grid, nodes.ravel(), weights.ravel() / num_probes, sigma)

@@ -29,9 +29,19 @@ example b (true for both built-ins, :class:`SobolevLoss` and :class:`JacobianPen
 
 import numpy as np
 
-from ._checks import check_finite, check_inputs, check_l2, check_nonnegative, check_theta, describe, real_array
+from ._checks import (
+    check_finite,
+    check_inputs,
+    check_instance,
+    check_l2,
+    check_net,
+    check_nonnegative,
+    check_theta,
+    describe,
+    real_array,
+)
 from .layers import Linear
-from .losses import CrossEntropyLoss, MSELoss
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 # tangent_sum_grad_squared: with k directions, up to this k the (k+1)(k+2)/2 products of
 # pairs run as large matmuls; beyond it, per-example gradients in chunks are cheaper.
@@ -62,7 +72,9 @@ def _input_tangents(directions, B, m, dtype):
 
 
 def _check_tangent_loss(loss):
-    if isinstance(loss, (CrossEntropyLoss, MSELoss)):
+    check_instance("loss", loss, "a loss on outputs and tangents, such as hvp.SobolevLoss(weight) or "
+                                 "hvp.JacobianPenalty(base_loss, weight)")
+    if isinstance(loss, (CrossEntropyLoss, MSELoss, BCEWithLogitsLoss)):
         raise TypeError(f"expected a loss on outputs and tangents, such as hvp.SobolevLoss(weight) or "
                         f"hvp.JacobianPenalty(base_loss, weight), got {loss!r}, a loss on outputs alone "
                         f"(use hvp.loss_and_grad for it, or hvp.JacobianPenalty({loss!r}, weight))")
@@ -88,6 +100,7 @@ def _loss_adjoints(loss, O, dO, target):
 
 
 def _prepare(net, theta, X, directions):
+    check_net(net)
     theta = check_theta(theta, net.num_params)
     X = check_inputs(X, net.in_features, theta.dtype)
     dX, single = _input_tangents(directions, X.shape[0], net.in_features, theta.dtype)
@@ -175,6 +188,7 @@ def input_jacobian(net, theta, X):
     -------
     ndarray, shape (B, C, m), dtype of θ
     """
+    check_net(net)
     theta = check_theta(theta, net.num_params)
     _, dO = input_jvp(net, theta, X, np.eye(net.in_features, dtype=theta.dtype))
     return np.ascontiguousarray(dO.transpose(0, 2, 1))
@@ -201,6 +215,7 @@ def tangent_loss_and_grad(net, loss, theta, X, y, directions, l2=0.0):
     loss : float
     grad : ndarray, shape (P,), dtype of θ
     """
+    check_net(net)
     _check_tangent_loss(loss)
     l2 = check_l2(l2)
     theta, params, X, dX, _ = _prepare(net, theta, X, directions)
@@ -230,6 +245,7 @@ def tangent_sum_grad_squared(net, loss, theta, X, y, directions):
     -------
     ndarray, shape (P,), dtype of θ
     """
+    check_net(net)
     _check_tangent_loss(loss)
     for i, layer in enumerate(net.layers):
         if layer.param_shapes() and not isinstance(layer, Linear):
@@ -353,6 +369,7 @@ class JacobianPenalty:
     """
 
     def __init__(self, base_loss, weight):
+        check_instance("base_loss", base_loss, "a loss on outputs such as hvp.CrossEntropyLoss() or hvp.MSELoss()")
         if not all(hasattr(base_loss, name) for name in ("check_target", "forward", "backward", "reduction")):
             raise TypeError(f"base_loss must be a loss on outputs such as hvp.CrossEntropyLoss() or hvp.MSELoss(), "
                             f"got {describe(base_loss)}")

@@ -18,6 +18,11 @@ rule                  method                                       shapes
                       -> (DI_k, grads_k)``                         ``summed``: DI (B, m), {name: shape}
 ====================  ===========================================  ==========================================
 
+Layers with parameters may also give K-FAC's Kronecker factors (:mod:`hvp.kfac`):
+``kronecker_factors(cache, D) -> (A, G)`` for output-side columns D (K, B, n), and their
+parameters as one matrix, ``kronecker_matrix(p) -> W̄`` (..., rows, cols) with
+``from_kronecker_matrix(W̄, out)`` writing it back, so that the block is ``W̄ -> A W̄ G``.
+
 ``p`` is the layer's dict of parameter views (``net.unflatten``), ``cache``
 what ``forward`` returned. ``None`` stands for a tangent, a direction or a term
 that is zero, so that no work is spent on it.
@@ -39,6 +44,8 @@ example (directions given at the input, with dp None). ``tangent`` and
 
 import numpy as np
 
+from ._checks import check_bool, describe
+
 
 class Linear:
     """Affine layer ``O = I W + b``.
@@ -53,11 +60,13 @@ class Linear:
 
     def __init__(self, in_features, out_features, bias=True):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"Linear: {name} must be a positive integer, got {describe(value)}")
+            if value < 1:
                 raise ValueError(f"Linear: {name} must be a positive integer, got {value!r}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.bias = bool(bias)
+        self.bias = check_bool("bias", bias)
 
     def __repr__(self):
         return f"Linear({self.in_features}, {self.out_features}, bias={self.bias})"
@@ -109,6 +118,28 @@ class Linear:
             else:
                 dO += from_params
         return dO
+
+    def kronecker_factors(self, I, D):
+        """K-FAC's factors: ``A = (1/B) Σ_b ā_b ā_bᵀ``, ā = [I, 1]; ``G = Σ_{k,b} D_kb D_kbᵀ`` for D (K, B, n)."""
+        B = I.shape[0]
+        A = I.T @ I
+        if self.bias:
+            s = I.sum(axis=0)
+            A = np.block([[A, s[:, None]], [s[None, :], np.full((1, 1), B, dtype=I.dtype)]])
+        D = D.reshape(-1, D.shape[-1])
+        return A / I.dtype.type(B), D.T @ D
+
+    def kronecker_matrix(self, p):
+        """The parameters as K-FAC's matrix ``W̄ = [W; b]`` (..., m+1, n) (W without a bias)."""
+        if not self.bias:
+            return p["weight"]
+        return np.concatenate([p["weight"], p["bias"][..., None, :]], axis=-2)
+
+    def from_kronecker_matrix(self, M, out):
+        """Write ``W̄`` (..., m+1, n) into the parameter views ``out``."""
+        out["weight"][...] = M[..., :self.in_features, :]
+        if self.bias:
+            out["bias"][...] = M[..., self.in_features, :]
 
     def tangent_backward(self, p, I, dI, dp, DOD, need_input=True, summed=False):
         """Rule 4 cross terms: ``DI_k = DOD Ẇ_kᵀ``, ``DW_k = İ_kᵀ DOD``; DOD (B, n) or (k, B, n).

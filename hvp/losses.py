@@ -23,13 +23,26 @@ def _diagonal_factor(d):
     return S
 
 
+def _same_shape_target(y, O):
+    """Targets of exactly O's shape (B, C), never broadcast, finite; as O's dtype."""
+    y = real_array("y", y, O.dtype)
+    if y.shape != O.shape:
+        raise ValueError(f"y must have the outputs' shape {O.shape}, got shape {y.shape}")
+    check_finite("y", y)
+    return y
+
+
 class CrossEntropyLoss:
     """Softmax cross-entropy ``ℓ = Σ_b −Σ_c t_bc log softmax(O_b)_c / N`` (``torch.nn.CrossEntropyLoss``).
 
     Targets are integer class labels of shape (B,) with values in [0, C), or
-    probabilities of shape (B, C). ``N`` is B for ``reduction="mean"``, 1 for "sum".
-    With ``s_b = Σ_c t_bc`` (1 for labels) and ``p = softmax(O)``:
-    ``∇ℓ = (s ⊙ p − t)/N`` and ``∇²ℓ[u] = s ⊙ (p ⊙ u − p ⟨p, u⟩)/N``.
+    probabilities of shape (B, C): entries >= 0 and rows summing to 1, up to the rounding
+    of targets normalized in float32 or float64 (``|Σ_c t_bc − 1| <= 16·C·eps``, eps of the
+    coarser of the targets' and the outputs' float dtypes). ``N`` is B for
+    ``reduction="mean"``, 1 for "sum". With ``p = softmax(O)`` and ``s_b = Σ_c t_bc``
+    (1 for labels, 1 up to that rounding for probabilities):
+    ``∇ℓ = (s ⊙ p − t)/N`` and ``∇²ℓ[u] = s ⊙ (p ⊙ u − p ⟨p, u⟩)/N``; the factor s
+    keeps them the exact derivatives of the value computed from the targets as given.
     """
 
     def __init__(self, reduction="mean"):
@@ -42,9 +55,12 @@ class CrossEntropyLoss:
         return O.shape[0] if self.reduction == "mean" else 1
 
     def check_target(self, y, O):
-        """Labels (B,) of an integer dtype in [0, C), or finite probabilities (B, C) (as O's dtype)."""
+        """Labels (B,) of an integer dtype in [0, C), or probabilities (B, C) (as O's dtype).
+
+        Probabilities must be finite and >= 0 with rows summing to 1 within ``16·C·eps``.
+        """
         B, C = O.shape
-        y = np.asarray(y)
+        y = real_array("y", y)
         if y.ndim == 1:
             if y.dtype.kind not in "iu":
                 raise TypeError(f"class labels y must have an integer dtype, got {describe(y)} "
@@ -57,9 +73,19 @@ class CrossEntropyLoss:
         if y.shape != (B, C):
             raise ValueError(f"y must be labels of shape ({B},) or probabilities of shape ({B}, {C}), "
                              f"got shape {y.shape}")
-        y = real_array("y", y, O.dtype)
         check_finite("y", y)
-        return y
+        if y.min() < 0:
+            b, c = np.unravel_index(np.argmin(y), y.shape)
+            raise ValueError(f"probability targets y must be >= 0, got y[{b}, {c}] = {float(y[b, c])!r}")
+        eps = max(np.finfo(O.dtype).eps, np.finfo(y.dtype).eps if y.dtype.kind == "f" else 0.0)
+        tol = 16 * C * eps
+        sums = y.sum(axis=1, dtype=np.float64)
+        b = np.argmax(np.abs(sums - 1))
+        if not abs(sums[b] - 1) <= tol:
+            raise ValueError(f"probability targets y must have rows summing to 1 (within {tol:.1e}), "
+                             f"got row {b} summing to {float(sums[b])!r} (normalize them in y's dtype: "
+                             f"y / y.sum(axis=1, keepdims=True))")
+        return y.astype(O.dtype, copy=False)
 
     def forward(self, O, y):
         shifted = O - O.max(axis=1, keepdims=True)
@@ -91,13 +117,10 @@ class CrossEntropyLoss:
         return HU / HU.dtype.type(cache["N"])
 
     def _sqrt_weight(self, cache):
-        """``√(s_b/N)``: a scalar for labels, (B, 1) for probability targets (rows summing to s_b >= 0)."""
+        """``√(s_b/N)``: a scalar for labels, (B, 1) for probability targets (rows summing to s_b ≈ 1)."""
         s, N = cache["s"], cache["N"]
         if s is None:
             return cache["p"].dtype.type(np.sqrt(1 / N))
-        if (s < 0).any():
-            raise ValueError(f"a square root of the loss Hessian needs probability targets whose rows sum to "
-                             f">= 0, got a row sum of {float(s.min())}")
         return np.sqrt(s / s.dtype.type(N))
 
     def hessian_sqrt(self, cache):
@@ -133,7 +156,7 @@ class CrossEntropyLoss:
 
         ``S_kb = √(s_b/(N·M)) (p_b − e_ŷ)`` with ``ŷ ~ Categorical(p_b)`` drawn afresh for each
         of the M columns: ``E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag p − p pᵀ``. The factor ``√s_b``
-        carries the total mass of a probability target (1 for labels and normalized rows).
+        carries the row sum of a probability target (1 up to rounding; 1 for labels).
 
         Parameters
         ----------
@@ -175,11 +198,8 @@ class MSELoss:
         return O.size if self.reduction == "mean" else 1
 
     def check_target(self, y, O):
-        y = real_array("y", y, O.dtype)
-        if y.shape != O.shape:
-            raise ValueError(f"y must have the outputs' shape {O.shape}, got shape {y.shape}")
-        check_finite("y", y)
-        return y
+        """Targets of exactly the outputs' shape (B, C), finite (as O's dtype)."""
+        return _same_shape_target(y, O)
 
     def forward(self, O, y):
         r = O - y
@@ -232,8 +252,8 @@ class BCEWithLogitsLoss:
     """Sigmoid and binary cross-entropy in one, ``ℓ = Σ_bc [log(1 + e^{O_bc}) − Y_bc O_bc] / N``
     (``torch.nn.BCEWithLogitsLoss``).
 
-    Targets have exactly the outputs' shape (B, C), with entries in [0, 1] as a rule (not
-    checked, as in PyTorch). ``N`` is B·C for ``reduction="mean"``, 1 for "sum". With
+    Targets have exactly the outputs' shape (B, C), with entries in [0, 1] (checked; PyTorch
+    does not check them). ``N`` is B·C for ``reduction="mean"``, 1 for "sum". With
     ``q = sigmoid(O)``: ``∇ℓ = (q − Y)/N``, ``∇²ℓ[u] = q ⊙ (1 − q) ⊙ u/N`` (diagonal).
     """
 
@@ -246,7 +266,12 @@ class BCEWithLogitsLoss:
     def normalizer(self, O):
         return O.size if self.reduction == "mean" else 1
 
-    check_target = MSELoss.check_target
+    def check_target(self, y, O):
+        """Targets of exactly the outputs' shape (B, C), in [0, 1] (as O's dtype)."""
+        y = _same_shape_target(y, O)
+        if y.min() < 0 or y.max() > 1:
+            raise ValueError(f"targets y must lie in [0, 1], got values from {float(y.min())!r} to {float(y.max())!r}")
+        return y
 
     def forward(self, O, y):
         # log(1 + e^O) − y O, stable for logits of any size

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ._checks import check_inputs, check_theta, describe
+from ._checks import check_inputs, check_instance, check_seed, check_theta, describe
 from .layers import Linear
 
 
@@ -16,15 +16,19 @@ class Sequential:
     Parameters
     ----------
     *layers
-        :class:`~hvp.Linear` layers and elementwise activations.
+        :class:`~hvp.Linear` layers and elementwise activations, as instances:
+        ``hvp.Sequential(hvp.Linear(4, 5), hvp.Tanh(), hvp.Linear(5, 3))``.
     """
 
     def __init__(self, *layers):
         if not layers:
             raise ValueError("Sequential needs at least one layer, got none")
-        for layer in layers:
+        expected = "a layer such as hvp.Linear(in_features, out_features) or hvp.Tanh()"
+        for i, layer in enumerate(layers):
+            check_instance(f"layers[{i}]", layer, expected)
             if not all(hasattr(layer, name) for name in ("forward", "backward_input", "param_shapes")):
-                raise TypeError(f"Sequential takes layers such as hvp.Linear or hvp.Tanh(), got {describe(layer)}")
+                hint = " (pass them one by one: hvp.Sequential(*layers))" if isinstance(layer, (list, tuple)) else ""
+                raise TypeError(f"layers[{i}] must be {expected}, got {describe(layer)}{hint}")
         linears = [layer for layer in layers if isinstance(layer, Linear)]
         if not linears:
             raise ValueError("Sequential needs at least one hvp.Linear layer to fix the input width")
@@ -55,18 +59,22 @@ class Sequential:
 
         Parameters
         ----------
-        seed : int
-            Seed of ``numpy.random.default_rng``; the same seed gives the same θ.
+        seed : int >= 0, numpy.random.Generator or None
+            Seed of ``numpy.random.default_rng`` (or the generator to draw from); the same
+            int seed gives the same θ, None a fresh random one.
         dtype : float32 or float64
 
         Returns
         -------
         theta : ndarray, shape (num_params,)
         """
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {describe(dtype)}") from None
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        rng = np.random.default_rng(seed)
+        rng = check_seed(seed)
         theta = np.empty(self.num_params, dtype=dtype)
         for layer, entries in zip(self.layers, self._slices):
             for _, start, stop, _ in entries:
@@ -89,8 +97,11 @@ class Sequential:
             ``{"weight": ([k,] in, out), "bias": ([k,] out)}`` for Linear layers,
             ``{}`` for parameter-free layers.
         """
-        if not isinstance(theta, np.ndarray) or theta.ndim not in (1, 2) or theta.shape[-1] != self.num_params:
-            raise ValueError(f"expected an array of shape ({self.num_params},) or (k, {self.num_params}), "
+        if not isinstance(theta, np.ndarray):
+            raise TypeError(f"theta must be a numpy array of shape ({self.num_params},) or (k, {self.num_params}), "
+                            f"got {describe(theta)}")
+        if theta.ndim not in (1, 2) or theta.shape[-1] != self.num_params:
+            raise ValueError(f"theta must have shape ({self.num_params},) or (k, {self.num_params}), "
                              f"got {describe(theta)}")
         leading = theta.shape[:-1]
         return [{name: theta[..., start:stop].reshape(leading + shape) for name, start, stop, shape in entries}

@@ -19,7 +19,7 @@ with ``scipy.sparse.linalg.eigsh``, ``cg`` and ``minres``.
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from ._checks import check_direction, check_l2, check_theta, describe
+from ._checks import check_bool, check_direction, check_l2, check_loss, check_net, check_theta, describe
 from .products import linearize
 
 
@@ -38,13 +38,15 @@ class _DatasetCurvature(LinearOperator):
     """Shared machinery: per-batch linearizations, weights, block products."""
 
     def __init__(self, net, loss, theta, data, l2=0.0, cache=True):
-        theta = check_theta(theta, net.num_params)
+        check_net(net)
+        check_loss(loss)
         if getattr(loss, "reduction", None) not in ("mean", "sum"):
             raise TypeError(f"loss must be an hvp loss with reduction 'mean' or 'sum', got {describe(loss)}")
+        theta = check_theta(theta, net.num_params)
         super().__init__(dtype=theta.dtype, shape=(net.num_params, net.num_params))
         self.net, self.loss_fn, self.theta = net, loss, theta.copy()
         self.l2 = check_l2(l2)
-        self.cache = bool(cache)
+        self.cache = check_bool("cache", cache)
         if _is_pair(data):
             data = [data]
         elif not hasattr(data, "__iter__"):
@@ -99,6 +101,22 @@ class _DatasetCurvature(LinearOperator):
     def _batch_product(self, pt, V):
         raise NotImplementedError
 
+    # The public products check their argument here, so that a wrong shape or a NaN is reported
+    # by name rather than as scipy's "dimension mismatch".
+    def matvec(self, x):
+        return super().matvec(check_direction("v", x, self.shape[0], self.dtype))
+
+    def matmat(self, X):
+        V = check_direction("V", X, self.shape[0], self.dtype)
+        if V.ndim != 2:
+            raise ValueError(f"V must have shape ({self.shape[0]}, k) with k >= 1, got shape {V.shape}")
+        return super().matmat(V)
+
+    def dot(self, x):
+        if not (isinstance(x, LinearOperator) or np.isscalar(x)):
+            x = check_direction("v", x, self.shape[0], self.dtype)
+        return super().dot(x)
+
     def _matmat(self, V):
         V = check_direction("V", V, self.shape[0], self.dtype)
         out = None
@@ -135,7 +153,8 @@ class HessianOperator(_DatasetCurvature):
     Parameters
     ----------
     net : Sequential
-    loss : CrossEntropyLoss or MSELoss
+    loss : CrossEntropyLoss, MSELoss or BCEWithLogitsLoss
+        An instance, such as ``hvp.CrossEntropyLoss()``.
     theta : ndarray, shape (P,), float32 or float64
         The point; copied. Sets the operator's dtype.
     data : (X, y) or iterable of (X, y)

@@ -9,11 +9,25 @@ Blocks of k directions travel together along the k axis (DESIGN.md §1).
 
 import numpy as np
 
-from . import per_example
-from ._checks import check_direction, check_finite, check_inputs, check_l2, check_theta, describe, real_array
+from . import kfac, per_example
+from ._checks import (
+    check_direction,
+    check_finite,
+    check_inputs,
+    check_l2,
+    check_loss,
+    check_net,
+    check_seed,
+    check_theta,
+    describe,
+    real_array,
+)
+from .diag_hessian import diag_hessian as _diag_hessian
 
 
 def _prepare(net, loss, theta, X, y, l2):
+    check_net(net)
+    check_loss(loss)
     theta = check_theta(theta, net.num_params)
     X = check_inputs(X, net.in_features, theta.dtype)
     return theta, X, check_l2(l2)
@@ -52,7 +66,8 @@ def loss_and_grad(net, loss, theta, X, y, l2=0.0):
     Parameters
     ----------
     net : Sequential
-    loss : CrossEntropyLoss or MSELoss
+    loss : CrossEntropyLoss, MSELoss or BCEWithLogitsLoss
+        An instance, such as ``hvp.CrossEntropyLoss()``.
     theta : ndarray, shape (P,), float32 or float64
     X : array_like, shape (B, in_features)
     y : array_like, labels (B,) or targets (B, C)
@@ -287,6 +302,46 @@ class Linearization:
         """
         return per_example.diag_ggn(self)
 
+    def diag_hessian(self):
+        """Exact diagonal of the Hessian :meth:`hvp` multiplies by, L2 term included; entries may be negative.
+
+        Backpropagates ``∇²_O L_b = Σ_k c_kb v_kb v_kbᵀ`` (the loss factor of :meth:`diag_ggn` plus each
+        activation's ``diag(σ″ ⊙ δ)``, weights of either sign); per Linear layer ``diag_W = (I²)ᵀ Σ_k c_k v_k²``,
+        ``diag_b = Σ_{k,b} c_k v_k²`` (BackPACK's ``DiagHessian``). Costs about :meth:`diag_ggn` while every
+        activation has at most two Linear layers before it; each deeper activation adds its width in columns.
+
+        Returns
+        -------
+        ndarray, shape (P,), dtype of θ
+        """
+        return _diag_hessian(self)
+
+    def kfac(self, kind="exact", num_samples=1, seed=0):
+        """Kronecker-factored curvature (K-FAC): ``⊕_layers A ⊗ G + l2·diag(weight mask)`` (see :mod:`hvp.kfac`).
+
+        ``A = (1/B) Σ_n ā_n ā_nᵀ`` from each Linear layer's input with a 1 appended, ``G`` from
+        columns pushed back to its output: the loss-Hessian factor (``"exact"``), targets sampled
+        from the model (``"mc"``) or the gradient's adjoints (``"empirical"``). Normalized as
+        :meth:`ggnvp`; for one Linear layer under MSE it equals the GGN.
+
+        Parameters
+        ----------
+        kind : {"exact", "mc", "empirical"}
+        num_samples : int
+            Sampled targets per example for ``"mc"``.
+        seed : int, numpy.random.Generator or None
+            For ``"mc"``.
+
+        Returns
+        -------
+        hvp.kfac.KroneckerFactored
+            A scipy ``LinearOperator`` (P, P) with ``.factors``, ``.inverse(damping)``,
+            ``.diagonal()`` and ``.trace()``.
+        """
+        num_samples = kfac.check_kind(kind, num_samples)
+        factors = kfac.batch_factors(self, kind, num_samples, check_seed(seed))
+        return kfac.KroneckerFactored(self.net, factors, self.l2, self.theta.dtype)
+
     def diag_ggn_mc(self, num_samples=1, seed=0):
         """Unbiased Monte-Carlo estimate of :meth:`diag_ggn` from targets sampled from the model.
 
@@ -298,8 +353,8 @@ class Linearization:
         ----------
         num_samples : int
             Draws per example, M >= 1.
-        seed : int, numpy.random.Generator or None
-            Passed to ``numpy.random.default_rng``; the same seed gives the same estimate.
+        seed : int >= 0, numpy.random.Generator or None
+            Passed to ``numpy.random.default_rng``; the same int seed gives the same estimate.
 
         Returns
         -------

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from ._checks import check_inputs, check_l2, describe
-from .network import Sequential
+from ._checks import check_inputs, check_l2, check_loss, check_net
 from .products import linearize
 
 CURVATURES = ("hessian", "ggn")
@@ -21,7 +20,8 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
     Parameters
     ----------
     net : Sequential
-    loss : CrossEntropyLoss or MSELoss
+    loss : CrossEntropyLoss, MSELoss or BCEWithLogitsLoss
+        An instance, such as ``hvp.CrossEntropyLoss()``.
     X : array_like, shape (B, in_features)
     y : array_like, labels (B,) or targets (B, C)
     l2 : float
@@ -50,12 +50,10 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
     >>> fun, jac, hessp = hvp.scipy_objective(net, loss, X, y, l2=1e-3)
     >>> res = scipy.optimize.minimize(fun, theta0, jac=jac, hessp=hessp, method="trust-ncg")
     """
-    if not isinstance(net, Sequential):
-        raise TypeError(f"net must be an hvp.Sequential, got {describe(net)}")
+    check_net(net)
+    check_loss(loss)
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    if not all(hasattr(loss, name) for name in ("forward", "backward", "hessian_vp", "check_target")):
-        raise TypeError(f"loss must be an hvp loss such as hvp.CrossEntropyLoss(), got {describe(loss)}")
     X = check_inputs(X, net.in_features, np.float64).copy()  # private copies: later edits by the caller don't leak in
     y = np.array(loss.check_target(y, np.zeros((X.shape[0], net.out_features))), copy=True)
     l2 = check_l2(l2)

@@ -2,6 +2,8 @@
 
 - :class:`NewtonCG`: Hessian-free Newton-CG (Martens 2010) on an hvp network, every part of the
   recipe switchable; :func:`newton_cg`, the same method for any objective with a Hessian-vector product.
+- :class:`KFAC`: Kronecker-factored natural-gradient steps with the exact quadratic model's scale and
+  momentum (Martens & Grosse 2015).
 - :class:`SGD` (with momentum) and :class:`Adam`: first-order baselines with the same interface.
 
 All three take ``(net, loss, theta0, ...)`` and offer ``step(X, y)``, ``minimize(data, ...)``
@@ -11,5 +13,6 @@ All three take ``(net, loss, theta0, ...)`` and offer ``step(X, y)``, ``minimize
 
 from .first_order import SGD, Adam
 from .hessian_free import NewtonCG, newton_cg
+from .kfac import KFAC
 
-__all__ = ["NewtonCG", "newton_cg", "SGD", "Adam"]
+__all__ = ["NewtonCG", "newton_cg", "KFAC", "SGD", "Adam"]

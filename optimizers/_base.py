@@ -12,16 +12,16 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 import hvp
-from hvp._checks import check_l2, check_theta, describe
+from hvp._checks import check_l2, check_loss, check_net, check_theta, describe
+
+from . import _checkpoint
 
 PROGRESS = (None, "bar", "lines")
 
 
 def check_net_and_loss(net, loss):
-    if not isinstance(net, hvp.Sequential):
-        raise TypeError(f"net must be an hvp.Sequential, got {describe(net)}")
-    if not all(hasattr(loss, name) for name in ("forward", "backward", "hessian_vp", "check_target")):
-        raise TypeError(f"loss must be an hvp loss such as hvp.CrossEntropyLoss(), got {describe(loss)}")
+    check_net(net)
+    check_loss(loss)
 
 
 def check_positive(name, value, allow_zero=False):
@@ -189,9 +189,13 @@ class Optimizer:
     def save(self, path):
         """Write θ, the optimizer's state, its settings and its history to an ``.npz`` file (no pickle).
 
+        The file is written to a temporary file in the same folder and renamed over ``path``, so
+        that an interrupted save leaves an earlier checkpoint at ``path`` whole.
+
         Parameters
         ----------
         path : str or path-like
+            Written exactly as given (no suffix is added).
         """
         arrays = {"theta": self.theta, "config": np.array(json.dumps(self._config())),
                   "kind": np.array(type(self).__name__), "net": np.array(repr(self.net)),
@@ -202,8 +206,7 @@ class Optimizer:
         for key in keys:
             arrays["history_" + key] = np.array([record[key] for record in self.history])
         arrays["history_keys"] = np.array(keys, dtype=str)
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+        _checkpoint.write(path, arrays)
 
     @classmethod
     def load(cls, path, net, loss):
@@ -216,18 +219,27 @@ class Optimizer:
             The same architecture as when saved.
         loss : CrossEntropyLoss or MSELoss
             The same loss as when saved.
+
+        Raises
+        ------
+        ValueError
+            Naming the file and the problem, for anything but a whole checkpoint of this optimizer
+            on this network and loss: an empty, truncated or foreign file, missing or misshapen
+            state, settings the constructor refuses, a ragged history. Nothing is unpickled.
         """
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {key: f[key] for key in f.files}
+        arrays = _checkpoint.read(path)
         if str(arrays["kind"]) != cls.__name__:
             raise ValueError(f"{path} holds a {arrays['kind']} optimizer, not a {cls.__name__}")
         for name, obj in (("net", net), ("loss", loss)):
             if str(arrays[name]) != repr(obj):
                 raise ValueError(f"{path} was saved with {name} {arrays[name]}, got {obj!r}")
-        opt = cls(net, loss, arrays["theta"], **json.loads(str(arrays["config"])))
-        opt._set_state({key[len("state_"):]: value for key, value in arrays.items() if key.startswith("state_")})
-        keys = [str(k) for k in arrays["history_keys"]]
-        columns = [arrays["history_" + key].tolist() for key in keys]
-        opt.history = [dict(zip(keys, row)) for row in zip(*columns)]
+        try:
+            opt = cls(net, loss, arrays["theta"], **arrays["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} holds a θ or settings that {cls.__name__} refuses: {e}") from None
+        try:
+            opt._set_state({key[len("state_"):]: value for key, value in arrays.items() if key.startswith("state_")})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        opt.history = arrays["history"]
         return opt
-

@@ -80,8 +80,9 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, atol=
     x0 : ndarray, shape (P,), or None
         Starting point (a warm start); None starts at 0. A warm start with ``φ(x0) >= 0`` is
         dropped for 0, which is never worse.
-    precond : ndarray, shape (P,), or None
-        Positive diagonal M of the preconditioner: the residual is scaled by ``1/M``.
+    precond : ndarray of shape (P,), callable, or None
+        The preconditioner M: a positive diagonal (the residual is scaled by ``1/M``), or a
+        callable ``precond(r) -> M⁻¹ r`` for a symmetric positive definite M.
     max_iter : int
         Iteration cap.
     progress_tol : float or None
@@ -101,7 +102,12 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, atol=
     at the last iterate; if that is still 0, the preconditioned steepest-descent direction
     ``−M⁻¹ g`` is returned, a descent direction for φ.
     """
-    inv_m = None if precond is None else 1 / precond
+    solve = precond
+    if precond is not None and not callable(precond):
+        inv_m = 1 / precond
+
+        def solve(r):
+            return inv_m * r
     products = 0
     if x0 is None or not x0.any():
         x, r, phi = np.zeros_like(g), g.copy(), 0.0
@@ -112,9 +118,9 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, atol=
         phi = 0.5 * float(x @ (r + g))
         if not phi < 0:  # also drops a non-finite warm start
             x, r, phi = np.zeros_like(g), g.copy(), 0.0
-    z = r if inv_m is None else inv_m * r
+    z = r if solve is None else solve(r)
     rz = float(r @ z)
-    rz_stop = rtol * rtol * float(g @ (g if inv_m is None else inv_m * g))
+    rz_stop = rtol * rtol * float(g @ (g if solve is None else solve(g)))
     d = -z
     phis, iterates, kept = [phi], [], backtracking_schedule(max_iter)
     stop, i, negative_curvature = "max_iter", 0, 0.0
@@ -149,7 +155,7 @@ def pcg(matvec, g, x0=None, precond=None, max_iter=250, progress_tol=5e-4, atol=
         if atol and float(r @ r) <= atol * atol:
             stop = "residual"
             break
-        z = r if inv_m is None else inv_m * r
+        z = r if solve is None else solve(r)
         rz_new = float(r @ z)
         if rz_new <= rz_stop:
             stop = "converged"

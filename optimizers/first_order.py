@@ -11,6 +11,7 @@ import numpy as np
 
 import hvp
 
+from . import _checkpoint
 from ._base import Optimizer, check_bool, check_positive
 
 
@@ -87,7 +88,8 @@ class SGD(_FirstOrder):
         return {"t": self.t, "buffer": self.buffer}
 
     def _set_state(self, arrays):
-        self.t, self.buffer = int(arrays["t"]), arrays["buffer"].copy()
+        self.t = _checkpoint.scalar(arrays, "t", integer=True)
+        self.buffer = _checkpoint.vector(arrays, "buffer", self.theta.size, self.theta.dtype)
 
     def _update(self, g):
         mu = g.dtype.type(self.momentum)
@@ -144,7 +146,9 @@ class Adam(_FirstOrder):
         return {"t": self.t, "m": self.m, "v": self.v}
 
     def _set_state(self, arrays):
-        self.t, self.m, self.v = int(arrays["t"]), arrays["m"].copy(), arrays["v"].copy()
+        self.t = _checkpoint.scalar(arrays, "t", integer=True)
+        self.m = _checkpoint.vector(arrays, "m", self.theta.size, self.theta.dtype)
+        self.v = _checkpoint.vector(arrays, "v", self.theta.size, self.theta.dtype, nonnegative=True)
 
     def _update(self, g):
         b1, b2 = self.betas

@@ -31,47 +31,31 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 import hvp
-from hvp._checks import check_inputs, describe
+from hvp import kfac as kronecker
+from hvp._checks import check_finite, check_inputs, describe, real_array
 
+from . import _checkpoint
 from ._base import Optimizer, check_bool, check_int, check_positive
 from ._cg import pcg
+from ._damping import DAMPING_UP, RULES, judge, raise_damping, rejections_in_a_row, update_damping
 
 CURVATURES = ("ggn", "hessian")
-DAMPING_UP, DAMPING_DOWN = 3 / 2, 2 / 3
-MAX_GROWTH_DOUBLINGS = 20  # a run of rejections raises λ by at most 3/2·2^20 per step
-ROUNDING_ULPS = 100  # a predicted decrease below this many ulps of |f| is rounding: ρ is not measured
+PRECONDITIONERS = (None, "diag", "kfac")
 PRECONDITIONER_EXPONENT = 0.75
 ARMIJO_C, ARMIJO_SHRINK, ARMIJO_MAX_STEPS = 1e-2, 0.8, 30
 
 
-def update_damping(damping, rho):
-    """Levenberg–Marquardt rule: λ·3/2 if ρ < 1/4, λ·2/3 if ρ > 3/4, else λ (Martens 2010, §4.1)."""
-    if rho < 0.25:
-        return damping * DAMPING_UP
-    if rho > 0.75:
-        return damping * DAMPING_DOWN
-    return damping
+def diagonal_preconditioner(diag):
+    """``λ -> (diag + λ)^0.75`` (Martens 2010, §4.7); entries that come out 0 (λ = 0, a parameter that
+    no example's gradient touches) are set to 1."""
+    def at(damping):
+        M = (diag + diag.dtype.type(damping)) ** PRECONDITIONER_EXPONENT
+        M[M == 0] = 1
+        return M
+    return at
 
 
-def raise_damping(damping, rejections, g_norm):
-    """λ after a rejected step: ``λ·3/2·2^r`` after r rejections in a row before this one; from 0, ``‖∇f‖``.
-
-    Martens' factor 3/2 for a single rejection (Martens 2010, §4.1); a run of them doubles the
-    factor each time, as Nielsen's rule doubles ν (Madsen, Nielsen & Tingleff 2004, "Methods for
-    non-linear least squares problems", eq. 3.16), so that a λ too small by a factor 10⁴ is
-    recovered in 6 rejections rather than 23.
-    """
-    if damping == 0:
-        return g_norm
-    return damping * DAMPING_UP * 2.0 ** min(rejections, MAX_GROWTH_DOUBLINGS)
-
-
-def rounding_level(f0, dtype):
-    """How far f may move by rounding alone near ``f0``: ``ROUNDING_ULPS`` ulps of ``|f0|`` in ``dtype``."""
-    return ROUNDING_ULPS * float(np.finfo(dtype).eps) * abs(f0)
-
-
-def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack,
+def check_recipe(adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack,
                  line_search):
     """The switches of the recipe, validated, as a dict of keyword arguments of :func:`hf_step`."""
     if cg_progress_tol is not None:
@@ -79,16 +63,17 @@ def check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_f
     warm_start = check_positive("warm_start", warm_start, allow_zero=True)
     if warm_start > 1:
         raise ValueError(f"warm_start must lie in [0, 1], got {warm_start!r}")
-    return {"adapt_damping": check_bool("adapt_damping", adapt_damping),
-            "precondition": check_bool("precondition", precondition),
+    if damping_rule not in RULES:
+        raise ValueError(f"damping_rule must be one of {RULES}, got {damping_rule!r}")
+    return {"adapt_damping": check_bool("adapt_damping", adapt_damping), "damping_rule": damping_rule,
             "cg_max_iter": check_int("cg_max_iter", cg_max_iter, 1), "cg_progress_tol": cg_progress_tol,
             "cg_forcing": check_bool("cg_forcing", cg_forcing),
             "warm_start": warm_start, "backtrack": check_bool("backtrack", backtrack),
             "line_search": check_bool("line_search", line_search)}
 
 
-def hf_step(f0, g, curvature, objective, damping, warm, diag, rejections=0, *, adapt_damping, precondition, cg_max_iter,
-            cg_progress_tol, cg_forcing, warm_start, backtrack, line_search):
+def hf_step(f0, g, curvature, objective, damping, warm, preconditioner=None, rejections=0, *, adapt_damping,
+            damping_rule, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search):
     """One step of Martens' recipe at a point θ.
 
     Parameters
@@ -105,11 +90,12 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, rejections=0, *, a
         λ for this step.
     warm : ndarray (P,) or None
         The last CG iterate of the previous step.
-    diag : ndarray (P,) or None
-        ``diag(Σ_n g_n²)`` (+ l2 on weights) for the preconditioner.
+    preconditioner : callable or None
+        ``preconditioner(λ)`` -> CG's preconditioner for ``B + λI``: a positive diagonal (P,) or a
+        callable ``r -> M⁻¹ r`` (see :func:`~optimizers._cg.pcg`).
     rejections : int
-        Rejected steps in a row just before this one (:func:`raise_damping`).
-    adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
+        Rejected steps in a row just before this one (:func:`~optimizers._damping.raise_damping`).
+    adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
         The recipe's switches (see :class:`NewtonCG`).
 
     Returns
@@ -139,10 +125,7 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, rejections=0, *, a
     if not (np.isfinite(f0) and np.isfinite(g).all()):
         return None, record, raise_damping(damping, rejections, g_norm), None
     x0 = warm * g.dtype.type(warm_start) if warm is not None and warm_start > 0 else None
-    precond = None
-    if precondition and diag is not None:
-        precond = (diag + damping) ** PRECONDITIONER_EXPONENT
-        precond[precond == 0] = 1  # λ = 0, on parameters that no example's gradient touches
+    precond = None if preconditioner is None else preconditioner(damping)
     atol = min(0.5, np.sqrt(g_norm)) * g_norm if cg_forcing else 0.0
     cg = pcg(lambda v: curvature(v) + g.dtype.type(damping) * v, g, x0, precond, cg_max_iter, cg_progress_tol, atol)
     # CG-iterate backtracking: from the last kept iterate back while f keeps falling.
@@ -154,14 +137,11 @@ def hf_step(f0, g, curvature, objective, damping, warm, diag, rejections=0, *, a
             break
         j, f_new = j - 1, f_prev
     i_used, p, q_p = cg.iterates[j]
-    # A predicted decrease within the rounding of f cannot be checked against f: such a step is
-    # accepted unless f rises beyond rounding, with ρ unmeasured and λ left as it is.
-    noise = rounding_level(f0, g.dtype)
-    rounding = bool(0 < -q_p <= noise)
-    rho = (f_new - f0) / q_p if q_p < 0 and not rounding else np.nan
-    accepted = bool(f_new <= f0 + noise) if rounding else bool(np.isfinite(f_new) and rho > 0)
+    accepted, rho, rounding = judge(f0, q_p, f_new, g.dtype)  # at rounding level: ρ unmeasured, λ stays
     alpha = 1.0
-    new_damping = update_damping(damping, rho) if adapt_damping and accepted and not rounding else damping
+    new_damping = damping
+    if adapt_damping and accepted and not rounding:
+        new_damping = update_damping(damping, rho, damping_rule)
     if accepted and line_search and not rounding:  # Armijo: f(θ + αp) <= f(θ) + c·α·gᵀp
         slope, tries = float(g @ p), 0
         while not f_new <= f0 + ARMIJO_C * alpha * slope:
@@ -204,10 +184,16 @@ class NewtonCG(Optimizer):
     adapt_damping : bool
         Levenberg–Marquardt update of λ from ρ (Martens 2010, §4.1). Off: λ stays, except that a
         rejected step still raises it.
-    precondition : bool
-        Diagonal preconditioner ``(diag(Σ_n g_n²) + l2·[weight] + λ)^0.75`` from
-        ``Linearization.sum_grad_squared`` on the gradient batch (Martens 2010, §4.7); entries that
-        come out 0 (λ = 0, a parameter no example's gradient touches) are set to 1.
+    damping_rule : {"martens", "nielsen"}
+        How λ follows ρ after an accepted step (:func:`optimizers._damping.update_damping`):
+        Martens' ×3/2 (ρ < 1/4) and ×2/3 (ρ > 3/4), or Nielsen's smooth ``max(1/3, 1 − (2ρ − 1)³)``.
+    precondition : {"diag", "kfac", None}
+        CG's preconditioner: ``"diag"``, Martens' ``(diag(Σ_n g_n²) + l2·[weight] + λ)^0.75`` from
+        ``Linearization.sum_grad_squared`` on the gradient batch (Martens 2010, §4.7; entries that
+        come out 0 are set to 1); ``"kfac"``, the inverse of the batch's Kronecker-factored
+        Gauss-Newton matrix plus λ (:meth:`hvp.Linearization.kfac`, "exact" factors for networks
+        with at most 16 outputs, else "mc"; Martens & Grosse 2015), as Martens' later work
+        preconditions CG; None: none. True and False stand for "diag" and None.
     cg_max_iter : int
         Cap on CG iterations per step.
     cg_progress_tol : float or None
@@ -252,14 +238,21 @@ class NewtonCG(Optimizer):
                    ("rho", "ρ {:+.3f}"), ("cg_iters", "cg {:4d}"), ("cg_stop", "{:18s}"),
                    ("alpha", "α {:.3f}"), ("accepted", "accepted {!s:5}"), ("seconds", "{:.3f} s"))
 
-    def __init__(self, net, loss, theta0, *, curvature="ggn", damping=1.0, adapt_damping=True, precondition=True,
-                 cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True, warm_start=0.95, backtrack=True,
-                 line_search=True, curvature_batch=None, l2=0.0, progress=None):
+    def __init__(self, net, loss, theta0, *, curvature="ggn", damping=1.0, adapt_damping=True,
+                 damping_rule="martens", precondition="diag", cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True,
+                 warm_start=0.95, backtrack=True, line_search=True, curvature_batch=None, l2=0.0, progress=None):
         super().__init__(net, loss, theta0, l2=l2, progress=progress)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         self.curvature = curvature
-        self.recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing,
+        precondition = {True: "diag", False: None}.get(precondition, precondition) \
+            if isinstance(precondition, (bool, np.bool_)) else precondition
+        if precondition not in PRECONDITIONERS:
+            raise ValueError(f"precondition must be one of {PRECONDITIONERS} (or True/False), got {precondition!r}")
+        if precondition == "kfac":
+            kronecker.kronecker_layers(net)
+        self.precondition = precondition
+        self.recipe = check_recipe(adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing,
                                    warm_start, backtrack, line_search)
         self.initial_damping = check_positive("damping", damping, allow_zero=not self.recipe["adapt_damping"])
         self.damping = self.initial_damping
@@ -276,16 +269,17 @@ class NewtonCG(Optimizer):
 
     def _config(self):
         return {**super()._config(), **self.recipe, "curvature": self.curvature, "damping": self.initial_damping,
-                "curvature_batch": self.curvature_batch}
+                "precondition": self.precondition, "curvature_batch": self.curvature_batch}
 
     def _state(self):
         return {"damping": self.damping, "offset": self._offset,
                 "warm": self._warm if self._warm is not None else np.zeros(0, self.theta.dtype)}
 
     def _set_state(self, arrays):
-        self.damping = float(arrays["damping"])
-        self._offset = int(arrays["offset"])
-        self._warm = arrays["warm"].copy() if arrays["warm"].size else None
+        self.damping = _checkpoint.scalar(arrays, "damping")
+        self._offset = _checkpoint.scalar(arrays, "offset", integer=True)
+        warm = _checkpoint.vector(arrays, "warm", self.theta.size, self.theta.dtype, allow_empty=True)
+        self._warm = warm if warm.size else None
 
     def _curvature_rows(self, B):
         if self.curvature_batch is None:
@@ -316,6 +310,20 @@ class NewtonCG(Optimizer):
 
         return curvature, (self._offset + b) % B
 
+    def _preconditioner(self, pt):
+        """``λ -> preconditioner`` for this step (see :func:`hf_step`), or None."""
+        if self.precondition == "diag":
+            diag = pt.sum_grad_squared()
+            if self.l2:
+                diag[pt.weight_mask] += diag.dtype.type(self.l2)
+            return diagonal_preconditioner(diag)
+        if self.precondition == "kfac":
+            kind = kronecker.default_kind(pt.outputs.shape[1])
+            K = pt.kfac(kind=kind, seed=len(self.history))
+            floor = 1e-12 * max(K.trace(), 1e-300) / K.shape[0]  # λ = l2 = 0: keep the inverse finite
+            return lambda damping: K.inverse(max(damping, floor)).matvec
+        return None
+
     def _step(self, X, y, gtol):
         start = time.perf_counter()
         pt = hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
@@ -324,11 +332,6 @@ class NewtonCG(Optimizer):
         X = check_inputs(X, self.net.in_features, self.theta.dtype)
         y = self.loss.check_target(y, pt.outputs)
         curvature, next_offset = self._curvature_operator(pt, X, y)
-        diag = None
-        if self.recipe["precondition"]:
-            diag = pt.sum_grad_squared()
-            if self.l2:
-                diag[pt.weight_mask] += diag.dtype.type(self.l2)
         theta, net, loss, l2 = self.theta, self.net, self.loss, self.l2
 
         def objective(p):
@@ -341,11 +344,9 @@ class NewtonCG(Optimizer):
                     value += 0.5 * l2 * float(w @ w)
             return value
 
-        rejections = 0  # rejected steps in a row before this one
-        while rejections < len(self.history) and not self.history[-1 - rejections]["accepted"]:
-            rejections += 1
         step, record, damping, warm = hf_step(pt.loss, pt.grad, curvature, objective, self.damping, self._warm,
-                                              diag, rejections, **self.recipe)
+                                              self._preconditioner(pt), rejections_in_a_row(self.history),
+                                              **self.recipe)
         if step is not None:
             self.theta = theta + step
         self.damping, self._warm, self._offset = damping, warm, next_offset
@@ -354,7 +355,8 @@ class NewtonCG(Optimizer):
         return record
 
 
-def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adapt_damping=True, precondition=True,
+def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adapt_damping=True, damping_rule="martens",
+              precondition=True,
               cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True, warm_start=0.95, backtrack=True,
               line_search=True, gtol=1e-5, maxiter=100, max_rejections=20, callback=None):
     """Minimize ``fun`` by Martens' damped Newton-CG, given gradient and Hessian-vector products.
@@ -374,8 +376,10 @@ def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adap
     hess_diag : callable or None
         ``hess_diag(x, *args) -> (n,)``, a nonnegative diagonal for the preconditioner
         ``(hess_diag + λ)^0.75`` (e.g. Σ_n g_n²); None: no preconditioner.
-    damping, adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
+    damping, adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
         As for :class:`NewtonCG`.
+    precondition : bool
+        Use ``hess_diag`` for the preconditioner.
     gtol : float
         Stop once ``‖∇f(x)‖₂ <= gtol``.
     maxiter : int
@@ -401,10 +405,14 @@ def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adap
             raise TypeError(f"{name} must be callable, got {describe(f)}")
     if hessp is None:
         raise TypeError("hessp must be callable: hessp(x, p, *args) -> the curvature times p")
-    x = np.array(x0, dtype=np.float64).ravel()
-    if not np.isfinite(x).all():
-        raise ValueError(f"x0 must be finite, got {describe(x0)}")
-    recipe = check_recipe(adapt_damping, precondition, cg_max_iter, cg_progress_tol, cg_forcing, warm_start,
+    x = real_array("x0", x0, np.float64).ravel().copy()
+    if x.size == 0:
+        raise ValueError(f"x0 must hold at least one number, got {describe(x0)}")
+    check_finite("x0", x)
+    if not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple of extra arguments, got {describe(args)}")
+    precondition = check_bool("precondition", precondition)
+    recipe = check_recipe(adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing, warm_start,
                           backtrack, line_search)
     damping = check_positive("damping", damping, allow_zero=not adapt_damping)
     gtol = check_positive("gtol", gtol, allow_zero=True)
@@ -432,15 +440,16 @@ def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adap
         if it == maxiter:
             break
         start = time.perf_counter()
-        diag = None
-        if recipe["precondition"] and hess_diag is not None:
-            diag = np.asarray(hess_diag(x, *args), dtype=np.float64).ravel()
+        preconditioner = None
+        if precondition and hess_diag is not None:
+            preconditioner = diagonal_preconditioner(np.asarray(hess_diag(x, *args), dtype=np.float64).ravel())
 
         def curvature(v, x=x):
             counts["nhev"] += 1
             return np.asarray(hessp(x, v, *args), dtype=np.float64).ravel()
 
-        step, record, damping, warm = hf_step(f0, g, curvature, lambda p, x=x: value(x + p), damping, warm, diag,
+        step, record, damping, warm = hf_step(f0, g, curvature, lambda p, x=x: value(x + p), damping, warm,
+                                              preconditioner,
                                               rejected, **recipe)
         if step is not None:
             x = x + step

@@ -12,7 +12,7 @@ from conftest import build_net, logreg_loss_and_grad
 
 import hvp
 import optimizers
-from optimizers import _cg, hessian_free
+from optimizers import _cg, _damping, hessian_free
 
 MLP = ("lin:3:8", "tanh", "lin:8:3")
 
@@ -207,7 +207,7 @@ def test_cg_residual_rule_stops_where_it_first_holds():
 
 def quadratic_step(A, g, damping, **switches):
     """One hf_step on f(p) = ½ pᵀAp + gᵀp at p = 0 with curvature A; everything but the named switches off."""
-    recipe = {**dict(adapt_damping=True, precondition=False, cg_max_iter=200, cg_progress_tol=None,
+    recipe = {**dict(adapt_damping=True, damping_rule="martens", cg_max_iter=200, cg_progress_tol=None,
                      cg_forcing=False, warm_start=0.0, backtrack=False, line_search=False), **switches}
     return hessian_free.hf_step(0.0, g, lambda v: A @ v, lambda p: 0.5 * p @ A @ p + g @ p, damping, None, None,
                                 **recipe)
@@ -242,22 +242,22 @@ def test_negative_curvature_lifts_damping_past_it():
     assert record["cg_stop"] == "negative curvature" and new_damping == 0.1
     _, record, new_damping, _ = quadratic_step(H, g, 2.0)  # no negative curvature: Martens' rule alone
     assert record["cg_stop"] != "negative curvature"
-    assert new_damping == pytest.approx(hessian_free.update_damping(2.0, record["rho"]))
+    assert new_damping == pytest.approx(_damping.update_damping(2.0, record["rho"]))
 
 
 @pytest.mark.parametrize("rho, factor", [(-1.0, 1.5), (0.1, 1.5), (0.2499, 1.5), (0.25, 1.0), (0.5, 1.0),
                                          (0.75, 1.0), (0.7501, 2 / 3), (3.0, 2 / 3)])
 def test_levenberg_marquardt_rule(rho, factor):
-    assert hessian_free.update_damping(2.0, rho) == pytest.approx(2.0 * factor, rel=1e-15)
+    assert _damping.update_damping(2.0, rho) == pytest.approx(2.0 * factor, rel=1e-15)
 
 
 def test_a_run_of_rejections_raises_damping_ever_faster():
     # 3/2 for one rejection (Martens); the factor doubles with each further rejection in a row.
     lams = [2.0]
     for r in range(5):
-        lams.append(hessian_free.raise_damping(lams[-1], r, g_norm=7.0))
+        lams.append(_damping.raise_damping(lams[-1], r, g_norm=7.0))
     assert lams == pytest.approx([2.0, 3.0, 9.0, 54.0, 648.0, 15552.0], rel=1e-15)
-    assert hessian_free.raise_damping(0.0, 3, g_norm=7.0) == 7.0  # from 0: the gradient's norm
+    assert _damping.raise_damping(0.0, 3, g_norm=7.0) == 7.0  # from 0: the gradient's norm
 
 
 def test_damping_recovers_in_a_few_rejections_at_extreme_scales():
@@ -291,7 +291,7 @@ def quantized(value, ulps=32):
 def test_newton_cg_steps_at_rounding_level_are_not_judged_by_rho(rule, monkeypatch):
     A, g = spd_system(P=20, cond=1e3, seed=6)
     if not rule:  # the behaviour before: every step judged by ρ, ending in a run of rejections
-        monkeypatch.setattr(hessian_free, "ROUNDING_ULPS", 0)
+        monkeypatch.setattr(_damping, "ROUNDING_ULPS", 0)
     res = optimizers.newton_cg(lambda x: quantized(phi(A, g, x)), np.zeros(20), lambda x: A @ x + g,
                                lambda x, p: A @ p, damping=1e-3, gtol=1e-12, maxiter=60)
     if not rule:
@@ -328,7 +328,7 @@ def test_a_step_that_raises_f_beyond_rounding_is_rejected():
     f0, g = 1.0, np.array([1e-9, 0.0])
     step, record, _, _ = hessian_free.hf_step(
         f0, g, lambda v: v, lambda p: f0 + 1000 * np.spacing(f0), 1e-3, None, None,
-        **hessian_free.check_recipe(True, False, 10, 5e-4, True, 0.95, True, True))
+        **hessian_free.check_recipe(True, "martens", 10, 5e-4, True, 0.95, True, True))
     assert record["rounding"] and not record["accepted"] and step is None
 
 

@@ -1,0 +1,272 @@
+"""Kronecker-factored curvature (K-FAC, Martens & Grosse 2015) from the engine's own passes.
+
+For a Linear layer ``O = I W + b`` example n's weight gradient is the outer product
+``ā_n DO_nᵀ`` of its input with a 1 appended, ``ā_n = [I_n, 1]``, and the adjoint at its output
+(seed 002's ``DI2`` for one example). So the layer's block of the Gauss-Newton matrix is
+``Σ_n (ā_n ā_nᵀ) ⊗ (Σ_c s_nc s_ncᵀ)``, with ``s_nc`` the columns of a factor of the loss Hessian,
+``∇²ℓ_n = Σ_c S_nc S_ncᵀ``, pushed back to the layer's output. K-FAC replaces the sum of
+Kronecker products by the Kronecker product of sums (DESIGN.md §6)::
+
+    A = (1/B) Σ_n ā_n ā_nᵀ  (m+1, m+1),      G = Σ_n Σ_c s_nc s_ncᵀ  (n, n),
+
+and the block by ``A ⊗ G``. The layer's slice of θ (weight (m, n) in C order, then bias (n,)) is
+the matrix ``W̄ = [W; b]`` (m+1, n) in C order, and ``(A ⊗ G) vec(V) = vec(A V G)``. The columns s:
+
+- ``"exact"``: the loss-Hessian factor columns that ``diag_ggn`` uses (C − 1 for cross-entropy,
+  C for MSE and BCE): the type-2 / KFLR factors (Botev, Ritter & Barber 2017);
+- ``"mc"``: ``num_samples`` columns from targets sampled from the model, ``E[Σ s sᵀ] = ∇²ℓ_n``
+  (Martens & Grosse's Monte-Carlo Fisher), one backward column per sample;
+- ``"empirical"``: the gradient's own adjoints, ``G = N Σ_n DO_n DO_nᵀ`` (N the loss's
+  normalizer), the factor of the empirical Fisher of :class:`~hvp.EmpiricalFisherOperator`.
+
+The normalization is that of ``pt.ggnvp`` (the loss's 1/N included), and the operator adds
+``l2·v`` on weight entries as ``ggnvp`` does. For a single Linear layer under MSE, K-FAC is the GGN.
+"""
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator
+
+from . import products
+from ._checks import check_direction, check_l2, check_loss, check_net, check_seed, check_theta, describe
+
+KINDS = ("exact", "mc", "empirical")
+MAX_EXACT_OUTPUTS = 16
+
+
+def check_kind(kind, num_samples):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(num_samples, (bool, np.bool_)) or not isinstance(num_samples, (int, np.integer)):
+        raise TypeError(f"num_samples must be an int >= 1, got {describe(num_samples)}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples}")
+    return int(num_samples)
+
+
+def default_kind(num_outputs):
+    """The factor kind to use when the user names none: ``"exact"`` up to 16 outputs, else ``"mc"``.
+
+    "exact" costs C − 1 (cross-entropy) or C backward columns, "mc" one per sample; with few
+    outputs the exact factor is affordable and free of sampling noise.
+    """
+    return "exact" if num_outputs <= MAX_EXACT_OUTPUTS else "mc"
+
+
+def kronecker_layers(net):
+    """Indices of the layers with parameters; each must offer the Kronecker rules of the layer contract."""
+    indices = []
+    for i, layer in enumerate(net.layers):
+        if layer.param_shapes():
+            if not hasattr(layer, "kronecker_factors"):
+                raise TypeError(f"K-FAC needs Kronecker factors for every layer with parameters; "
+                                f"layer {i} ({describe(layer)}) has none")
+            indices.append(i)
+    return indices
+
+
+def batch_factors(pt, kind="exact", num_samples=1, rng=None):
+    """``{layer index: (A, G)}`` for one linearization: A from each layer's input, G from backpropagated columns.
+
+    Parameters
+    ----------
+    pt : Linearization
+    kind : {"exact", "mc", "empirical"}
+    num_samples : int
+        Sampled columns per example for ``"mc"``.
+    rng : numpy.random.Generator or None
+        For ``"mc"``.
+    """
+    indices = kronecker_layers(pt.net)
+    if kind == "empirical":
+        N = pt.theta.dtype.type(np.sqrt(pt.loss_fn.normalizer(pt.outputs)))
+        return {i: pt.net.layers[i].kronecker_factors(pt.caches[i], N * pt.adjoints[i][None]) for i in indices}
+    if kind == "exact":
+        S = pt.loss_fn.hessian_sqrt(pt.loss_cache)
+    else:
+        S = pt.loss_fn.sample_hessian_sqrt(pt.loss_cache, num_samples, np.random.default_rng(rng))
+    D = S.astype(pt.theta.dtype, copy=False)  # (K, B, C): columns at the network's output, pushed back layer by layer
+    factors = {}
+    for i in reversed(range(indices[0], len(pt.net.layers))):
+        layer, p, cache = pt.net.layers[i], pt.params[i], pt.caches[i]
+        if i in indices:
+            factors[i] = layer.kronecker_factors(cache, D)
+        if i > indices[0]:
+            D = layer.backward_input(p, cache, D)
+    return {i: factors[i] for i in indices}
+
+
+class KroneckerFactored(LinearOperator):
+    """Block-diagonal ``⊕_layers A ⊗ G + l2·diag(weight mask)`` as a scipy ``LinearOperator`` (P, P).
+
+    Built by :meth:`hvp.Linearization.kfac` (one batch) or :class:`KFACOperator` (a data set).
+
+    Attributes
+    ----------
+    factors : list of (A, G)
+        One pair per layer with parameters, in order: A (m+1, m+1) (or (m, m) without bias)
+        and G (n, n), float arrays in θ's dtype.
+    l2 : float
+    """
+
+    def __init__(self, net, factors, l2, dtype):
+        super().__init__(dtype=np.dtype(dtype), shape=(net.num_params, net.num_params))
+        self.net, self.l2 = net, l2
+        self._layers = sorted(factors)
+        self.factors = [factors[i] for i in self._layers]
+        self._weight_mask = net.weight_mask()
+        self._eigen = None  # eigendecompositions of the factors, computed once, on the first inverse
+
+    def _blocks(self, V, apply):
+        """``apply(j, M)`` on each layer's matrix W̄ of the rows V (k, P); the results as rows (k, P)."""
+        views = self.net.unflatten(V)
+        out = np.zeros_like(V)
+        out_views = self.net.unflatten(out)
+        for j, i in enumerate(self._layers):
+            layer = self.net.layers[i]
+            layer.from_kronecker_matrix(apply(j, layer.kronecker_matrix(views[i])), out_views[i])
+        return out
+
+    def _rows_product(self, V, apply, l2):
+        V = check_direction("V", V, self.shape[0], self.dtype)
+        rows = np.ascontiguousarray(V.reshape(V.shape[0], -1).T)
+        out = self._blocks(rows, apply)
+        if l2:
+            out[:, self._weight_mask] += self.dtype.type(l2) * rows[:, self._weight_mask]
+        return out.T.reshape(V.shape)
+
+    def _matmat(self, V):
+        return self._rows_product(V, lambda j, M: self.factors[j][0] @ M @ self.factors[j][1], self.l2)
+
+    def _matvec(self, v):
+        return self._matmat(np.reshape(v, (-1, 1)))[:, 0]
+
+    def _adjoint(self):
+        return self
+
+    def diagonal(self):
+        """The exact diagonal (P,): ``diag(A) ⊗ diag(G)`` per layer, plus l2 on weights."""
+        rows = np.zeros((1, self.shape[0]), dtype=self.dtype)
+        out = self._blocks(rows, lambda j, M: np.outer(np.diag(self.factors[j][0]), np.diag(self.factors[j][1])))[0]
+        out[self._weight_mask] += self.dtype.type(self.l2)
+        return out
+
+    def trace(self):
+        """``Σ_layers tr(A)·tr(G) + l2·(number of weights)``."""
+        return float(sum(np.trace(A) * np.trace(G) for A, G in self.factors) + self.l2 * self._weight_mask.sum())
+
+    def eigen(self):
+        """Per layer ``(a, U_A, g, U_G)``: eigenvalues (clipped at 0) and eigenvectors of A and G, cached."""
+        if self._eigen is None:
+            self._eigen = []
+            for A, G in self.factors:
+                a, U_A = np.linalg.eigh(A)
+                g, U_G = np.linalg.eigh(G)
+                self._eigen.append((np.maximum(a, 0), U_A, np.maximum(g, 0), U_G))
+        return self._eigen
+
+    def inverse(self, damping, pi=True):
+        """An approximate inverse of the operator plus ``damping·I``, as a ``LinearOperator`` (P, P).
+
+        With ``γ = damping + l2``, per layer: ``pi=True``, Martens & Grosse's (2015, §6.3) factored
+        Tikhonov damping ``((A + π√γ I) ⊗ (G + √γ/π I))⁻¹``, ``π = √((tr A / dim A) / (tr G / dim G))``;
+        ``pi=False``, the exact ``(A ⊗ G + γ I)⁻¹``. Both from one eigendecomposition of each factor
+        (computed on the first call, reused for every damping): ``A ⊗ G + γ I`` is diagonal in the
+        basis ``U_A ⊗ U_G``. With ``l2 = 0`` and ``pi=False`` this is exactly ``(K + damping·I)⁻¹``;
+        with ``l2 > 0`` the bias rows get γ too (keeping each block a Kronecker product).
+
+        Parameters
+        ----------
+        damping : float
+            >= 0, with ``damping + l2 > 0``.
+        pi : bool
+
+        Returns
+        -------
+        LinearOperator, shape (P, P)
+        """
+        if isinstance(damping, (bool, np.bool_)) or not np.isscalar(damping) or not np.isreal(damping):
+            raise TypeError(f"damping must be a real number, got {describe(damping)}")
+        gamma = float(damping) + self.l2
+        if not (np.isfinite(damping) and damping >= 0 and gamma > 0):
+            raise ValueError(f"damping must be a finite number >= 0 (> 0 when l2 = 0), got {damping!r}")
+        scales = []
+        for (a, _, g, _), (A, G) in zip(self.eigen(), self.factors):
+            if pi:
+                mean_a, mean_g = np.trace(A) / len(A), np.trace(G) / len(G)
+                pi_ = np.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+                denominator = np.outer(a + pi_ * np.sqrt(gamma), g + np.sqrt(gamma) / pi_)
+            else:
+                denominator = np.outer(a, g) + gamma
+            scales.append((1 / denominator).astype(self.dtype))
+
+        def apply(j, M):
+            _, U_A, _, U_G = self._eigen[j]
+            return U_A @ ((U_A.T @ M @ U_G) * scales[j]) @ U_G.T
+
+        def matmat(V):
+            return self._rows_product(V, apply, 0.0)
+
+        return LinearOperator(self.shape, matvec=lambda v: matmat(np.reshape(v, (-1, 1)))[:, 0], matmat=matmat,
+                              rmatvec=lambda v: matmat(np.reshape(v, (-1, 1)))[:, 0], dtype=self.dtype)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype}: {len(self.factors)} layers>"
+
+
+class KFACOperator(KroneckerFactored):
+    """K-FAC of the loss over a data set, ``⊕_layers A ⊗ G + l2·diag(weight mask)``, a scipy ``LinearOperator``.
+
+    A is the mean over all examples of ``ā ā ᵀ``; G the sum over batches of ``w_b G_b`` with the
+    weights of :class:`~hvp.GGNOperator` (``B_b/ΣB`` for mean reduction, 1 for sum), so that for
+    ``"exact"`` and ``"empirical"`` the operator over a list of batches equals the one of all the
+    data in one batch. See :mod:`hvp.kfac` for the factors.
+
+    Parameters
+    ----------
+    net : Sequential
+    loss : CrossEntropyLoss, MSELoss or BCEWithLogitsLoss
+    theta : ndarray, shape (P,), float32 or float64
+    data : (X, y) or list of (X, y)
+    kind : {"exact", "mc", "empirical"}
+    l2 : float
+        Weight of ``l2/2 Σ‖W‖²``: adds ``l2·v`` on weight entries.
+    num_samples : int
+        Sampled targets per example for ``"mc"``.
+    seed : int, numpy.random.Generator or None
+        For ``"mc"``.
+
+    Attributes
+    ----------
+    factors : list of (A, G)
+    loss : float
+        The loss over all the data, L2 term included.
+    num_examples : int
+    """
+
+    def __init__(self, net, loss, theta, data, kind="exact", l2=0.0, num_samples=1, seed=0):
+        check_net(net)
+        check_loss(loss)
+        theta = check_theta(theta, net.num_params)
+        num_samples = check_kind(kind, num_samples)
+        l2 = check_l2(l2)
+        if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
+            data = [data]
+        rng = check_seed(seed)
+        sums, batches, loss_sum = {}, [], 0.0
+        for X, y in data:
+            pt = products.linearize(net, loss, theta, X, y)
+            B = pt.outputs.shape[0]
+            weight = B if loss.reduction == "mean" else 1
+            for i, (A, G) in batch_factors(pt, kind, num_samples, rng).items():
+                A_sum, G_sum = sums.get(i, (0, 0))
+                sums[i] = (A_sum + theta.dtype.type(B) * A, G_sum + theta.dtype.type(weight) * G)
+            batches.append(B)
+            loss_sum += weight * pt.loss
+        if not batches:
+            raise ValueError("data holds no batch: expected at least one (X, y) pair")
+        N, denominator = sum(batches), (sum(batches) if loss.reduction == "mean" else 1)
+        factors = {i: (A / theta.dtype.type(N), G / theta.dtype.type(denominator)) for i, (A, G) in sums.items()}
+        super().__init__(net, factors, l2, theta.dtype)
+        w = theta[self._weight_mask]
+        self.loss = loss_sum / denominator + 0.5 * l2 * float(w @ w)
+        self.num_examples = N

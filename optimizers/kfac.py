@@ -1,0 +1,267 @@
+"""K-FAC: natural-gradient steps preconditioned by Kronecker-factored curvature (Martens & Grosse 2015).
+
+Each step, on the batch (X, y) (Martens & Grosse 2015, "Optimizing neural networks with
+Kronecker-factored approximate curvature", ICML; sections cited below):
+
+1. one forward and backward pass (``hvp.linearize``): loss, gradient g, and the per-layer factors
+   ``A``, ``G`` of :mod:`hvp.kfac`, folded into exponential averages with decay
+   ``min(1 − 1/k, factor_decay)`` at step k (§5);
+2. the proposal ``Δ = −(K + λI)⁻¹ g`` from the averaged factors' eigendecompositions, refreshed every
+   ``inverse_every`` steps (§8), with Tikhonov damping split between the factors by π (§6.3) and
+   the L2 weight inside it (``γ = λ + l2``, §6.6);
+3. the update ``δ = αΔ + μδ₀`` (δ₀ the previous update) with α and μ minimizing the quadratic model
+   ``M(δ) = ½ δᵀ(G + λI)δ + gᵀδ`` with the exact Gauss-Newton matrix G of the batch: a 2×2 system
+   ``[Δ, δ₀]ᵀ(G + λI)[Δ, δ₀]`` from one tangent pass of the two directions (§7);
+4. ``ρ = (f(θ + δ) − f(θ)) / M(δ)`` from one more forward pass; λ follows ρ, by Nielsen's smooth
+   rule every step (default) or by Martens & Grosse's ``λ·ω^±1`` every ``damping_every`` steps (§6.5).
+
+Nothing is lost: a step whose new loss is NaN/Inf or higher than the old one (ρ <= 0) is rejected,
+θ and the momentum stay, and λ rises as in :func:`optimizers.hessian_free.raise_damping`.
+"""
+
+import math
+import time
+
+import numpy as np
+
+import hvp
+from hvp import kfac as kronecker
+from hvp._checks import check_inputs
+
+from . import _checkpoint
+from ._base import Optimizer, check_bool, check_int, check_positive
+from ._damping import judge, raise_damping, rejections_in_a_row, update_damping
+
+OMEGA_BASE = 19 / 20
+MAX_INVERSE_EVERY = 20
+DAMPING_RULES = ("nielsen", "martens-grosse")
+
+
+class KFAC(Optimizer):
+    """K-FAC (Martens & Grosse 2015) on an hvp network, every part of the method a keyword.
+
+    Parameters
+    ----------
+    net : hvp.Sequential
+    loss : hvp.CrossEntropyLoss, hvp.MSELoss or hvp.BCEWithLogitsLoss
+    theta0 : ndarray, shape (P,), float32 or float64
+        Start; copied, never modified.
+    kind : {"mc", "exact", "empirical"}
+        The output-side factor G: one backward column per sampled target (Martens & Grosse's
+        Fisher, ``num_samples`` columns), the loss-Hessian factor columns (C − 1 or C backward
+        columns; Botev et al. 2017's KFLR), or the gradient's adjoints (the empirical Fisher).
+        The averages over steps smooth out the sampling noise of "mc", which costs the least.
+    num_samples : int
+        Sampled targets per example for "mc".
+    damping : float or None
+        Initial λ; None: the mean eigenvalue of the first step's K-FAC matrix, ``tr(K)/P``.
+    adapt_damping : bool
+        Adapt λ to the reduction ratio ρ.
+    damping_rule : {"nielsen", "martens-grosse"}
+        ``"nielsen"``: every step, ``λ·max(1/3, 1 − (2ρ − 1)³)`` (Nielsen 1999; see
+        :func:`optimizers._damping.update_damping`); ``"martens-grosse"``: every ``damping_every``
+        steps, ``λ·ω`` if ρ > 3/4 and ``λ/ω`` if ρ < 1/4, ``ω = (19/20)^damping_every`` (§6.5).
+    damping_every : int
+        T₁ of §6.5, for ``"martens-grosse"``.
+    factor_decay : float in [0, 1)
+        ε of the factors' exponential averages, ``min(1 − 1/k, ε)`` at step k (§5).
+    inverse_every : int or None
+        Steps between refreshes of the eigendecompositions (T₃ of §8). None: every step while they
+        cost at most a tenth of a step's products (``Σ d³ <= B·P``, d the factors' sizes), else less
+        often, at least every 20 steps.
+    pi : bool
+        Split the damping between the factors by π (§6.3); False: the exact inverse of
+        ``A ⊗ G + γI`` in the factors' eigenbasis.
+    momentum : bool
+        Rescale the proposal and add the previous update, α and μ from the exact quadratic model
+        (§7); False: α alone.
+    seed : int
+        Seed of the targets sampled for "mc" (step k uses ``default_rng((seed, k))``).
+    l2 : float
+        Weight of the penalty ``l2/2·Σ‖W‖²`` in the objective.
+    progress : {None, "bar", "lines"}
+
+    Attributes
+    ----------
+    theta : ndarray, shape (P,)
+    damping : float
+        Current λ.
+    history : list of dict
+        Per step: ``loss`` (before the step), ``grad_norm``, ``damping`` (λ used), ``rho``,
+        ``alpha``, ``mu``, ``trial_loss``, ``products`` (curvature products), ``fevals``,
+        ``accepted``, ``rounding``, ``inverse_refreshed``, ``seconds``, ``step``.
+    """
+
+    LINE_FIELDS = (("loss", "loss {:.6e}"), ("grad_norm", "|g| {:.2e}"), ("damping", "λ {:.2e}"),
+                   ("rho", "ρ {:+.3f}"), ("alpha", "α {:.3f}"), ("mu", "μ {:+.3f}"),
+                   ("accepted", "accepted {!s:5}"), ("seconds", "{:.3f} s"))
+
+    def __init__(self, net, loss, theta0, *, kind="mc", num_samples=1, damping=None, adapt_damping=True,
+                 damping_rule="nielsen", damping_every=5, factor_decay=0.95, inverse_every=None, pi=True,
+                 momentum=True, seed=0, l2=0.0, progress=None):
+        super().__init__(net, loss, theta0, l2=l2, progress=progress)
+        kronecker.kronecker_layers(net)
+        self.num_samples = kronecker.check_kind(kind, num_samples)
+        self.kind = kind
+        self.initial_damping = None if damping is None else check_positive("damping", damping)
+        self.damping = self.initial_damping
+        self.adapt_damping = check_bool("adapt_damping", adapt_damping)
+        self.damping_every = check_int("damping_every", damping_every, 1)
+        if damping_rule not in DAMPING_RULES:
+            raise ValueError(f"damping_rule must be one of {DAMPING_RULES}, got {damping_rule!r}")
+        self.damping_rule = damping_rule
+        self.factor_decay = check_positive("factor_decay", factor_decay, allow_zero=True)
+        if self.factor_decay >= 1:
+            raise ValueError(f"factor_decay must lie in [0, 1), got {factor_decay!r}")
+        self.inverse_every = None if inverse_every is None else check_int("inverse_every", inverse_every, 1)
+        self.pi, self.momentum = check_bool("pi", pi), check_bool("momentum", momentum)
+        self.seed = check_int("seed", seed, 0)
+        self._k = 0  # accepted steps so far: the factors' average has k terms
+        self._factors = None  # exponential averages {layer index: (A, G)}
+        self._curvature = None  # the K-FAC matrix whose eigendecompositions precondition (refreshed)
+        self._since_refresh = 0
+        self._previous = np.zeros_like(self.theta)  # δ₀, the last accepted update
+
+    # -- settings and state ---------------------------------------------------
+
+    def _config(self):
+        return {**super()._config(), "kind": self.kind, "num_samples": self.num_samples,
+                "damping": self.initial_damping, "adapt_damping": self.adapt_damping,
+                "damping_rule": self.damping_rule, "damping_every": self.damping_every,
+                "factor_decay": self.factor_decay, "inverse_every": self.inverse_every, "pi": self.pi,
+                "momentum": self.momentum, "seed": self.seed}
+
+    def _state(self):
+        state = {"k": self._k, "since_refresh": self._since_refresh, "previous": self._previous,
+                 "damping": np.nan if self.damping is None else self.damping}
+        refreshed = [] if self._curvature is None else self._curvature.factors
+        for name, factors in (("average", list((self._factors or {}).values())), ("refreshed", refreshed)):
+            for j, (A, G) in enumerate(factors):
+                state[f"{name}_A{j}"], state[f"{name}_G{j}"] = A, G
+        return state
+
+    def _set_state(self, arrays):
+        P, dtype = self.theta.size, self.theta.dtype
+        self._k = _checkpoint.scalar(arrays, "k", integer=True)
+        self._since_refresh = _checkpoint.scalar(arrays, "since_refresh", integer=True)
+        self._previous = _checkpoint.vector(arrays, "previous", P, dtype)
+        unset = "damping" in arrays and arrays["damping"].shape == () and np.isnan(arrays["damping"])
+        self.damping = None if unset else _checkpoint.scalar(arrays, "damping")
+        for name in ("average", "refreshed"):
+            if f"{name}_A0" not in arrays:
+                continue
+            factors = {}
+            for j, i in enumerate(kronecker.kronecker_layers(self.net)):
+                size = sum(int(np.prod(shape)) for _, shape in self.net.layers[i].param_shapes())
+                A, G = (_checkpoint.matrix(arrays, f"{name}_{F}{j}", dtype) for F in "AG")
+                if len(A) * len(G) != size:
+                    raise ValueError(f"state {name}_A{j} and {name}_G{j} have sizes {len(A)} and {len(G)}, "
+                                     f"whose product is not layer {i}'s {size} parameters")
+                factors[i] = (A, G)
+            if name == "average":
+                self._factors = factors
+            else:
+                self._curvature = kronecker.KroneckerFactored(self.net, factors, self.l2, dtype)
+
+    # -- one step ---------------------------------------------------------------
+
+    def _inverse_every(self, B):
+        if self.inverse_every is not None:
+            return self.inverse_every
+        cubes = sum(len(A) ** 3 + len(G) ** 3 for A, G in self._factors.values())
+        return min(MAX_INVERSE_EVERY, max(1, math.ceil(cubes / (B * self.theta.size))))
+
+    def _step(self, X, y, gtol):
+        start = time.perf_counter()
+        pt = hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
+        g, f0 = pt.grad, pt.loss
+        g_norm = float(np.linalg.norm(g))
+        if gtol is not None and g_norm <= gtol:
+            return None
+        dt = g.dtype.type
+        record = {"loss": float(f0), "grad_norm": g_norm, "damping": np.nan, "rho": np.nan, "alpha": 0.0,
+                  "mu": 0.0, "trial_loss": np.nan, "products": 0, "fevals": 1, "accepted": False,
+                  "rounding": False, "inverse_refreshed": False}
+        rejections = rejections_in_a_row(self.history)
+        if not (np.isfinite(f0) and np.isfinite(g).all()):
+            if self.damping is not None:
+                self.damping = raise_damping(self.damping, rejections, g_norm)
+            record["seconds"] = time.perf_counter() - start
+            return record
+        # 1. the factors' exponential averages (the new batch's factors enter with weight 1 − ε)
+        batch = kronecker.batch_factors(pt, self.kind, self.num_samples, (self.seed, self._k))
+        decay = min(1 - 1 / (self._k + 1), self.factor_decay)
+        factors = batch if self._factors is None else {
+            i: (dt(decay) * A + dt(1 - decay) * batch[i][0], dt(decay) * G + dt(1 - decay) * batch[i][1])
+            for i, (A, G) in self._factors.items()}
+        curvature = self._curvature
+        refresh = curvature is None or self._since_refresh + 1 >= self._inverse_every(pt.outputs.shape[0])
+        if refresh:
+            curvature = kronecker.KroneckerFactored(self.net, factors, self.l2, g.dtype)
+        damping = self.damping if self.damping is not None else max(curvature.trace() / g.size, 1e-8)
+        # 2. the proposal, and 3. its scale and the momentum from the exact quadratic model
+        proposal = -curvature.inverse(damping, pi=self.pi).matvec(g)
+        use_momentum = self.momentum and self._previous.any()
+        V = np.stack([proposal, self._previous], axis=1) if use_momentum else proposal[:, None]
+        H, c = _model_matrix(pt, V, damping), (V.T @ g).astype(np.float64)
+        coefficients = _solve_small(H, c)
+        update = V @ coefficients.astype(g.dtype)
+        q = 0.5 * float(c @ coefficients)  # M(δ) at its minimizer along span(V): ½ cᵀx
+        # 4. ρ from one forward pass at the trial point
+        trial = self.theta + update
+        with np.errstate(all="ignore"):
+            f_new = self._loss_at(trial, X, y, pt)
+        accepted, rho, rounding = judge(f0, q, f_new, g.dtype)
+        new_damping = damping
+        if not accepted:
+            new_damping = raise_damping(damping, rejections, g_norm)
+        elif self.adapt_damping and not rounding and self.damping_rule == "nielsen":
+            new_damping = update_damping(damping, rho, "nielsen")
+        elif self.adapt_damping and not rounding and (self._k + 1) % self.damping_every == 0:
+            omega = OMEGA_BASE ** self.damping_every
+            new_damping = damping * omega if rho > 0.75 else damping / omega if rho < 0.25 else damping
+        if accepted:
+            self.theta, self._previous = trial, update
+            self._factors, self._k = factors, self._k + 1
+            self._curvature = curvature
+            self._since_refresh = 0 if refresh else self._since_refresh + 1
+        self.damping = new_damping
+        record.update(damping=float(damping), rho=float(rho), alpha=float(coefficients[0]),
+                      mu=float(coefficients[1]) if use_momentum else 0.0, trial_loss=float(f_new),
+                      products=V.shape[1], fevals=2, accepted=accepted, rounding=rounding,
+                      inverse_refreshed=bool(refresh), seconds=time.perf_counter() - start)
+        return record
+
+    def _loss_at(self, theta, X, y, pt):
+        """The objective at θ on the batch of ``pt``: one forward pass."""
+        X = check_inputs(X, self.net.in_features, theta.dtype)
+        O, _ = self.net.forward_cached(self.net.unflatten(theta), X)
+        value = self.loss.forward(O, self.loss.check_target(y, O))[0]
+        if self.l2:
+            w = theta[pt.weight_mask]
+            value += 0.5 * self.l2 * float(w @ w)
+        return value if np.isfinite(value) else np.inf
+
+
+def _model_matrix(pt, V, damping):
+    """``Vᵀ(G + λI)V`` (k, k) in float64 for V (P, k), G the batch's Gauss-Newton matrix with its L2 term.
+
+    ``VᵀGV = Σ_b (J_b V)ᵀ ∇²ℓ_b (J_b V)``: one tangent pass (``pt.jvp``) and the loss Hessian at the
+    outputs, a third of the work of ``pt.ggnvp(V)``, which would also run the backward pass.
+    """
+    JV = np.ascontiguousarray(pt.jvp(V).transpose(1, 0, 2))  # (k, B, C)
+    HJV = pt.loss_fn.hessian_vp(pt.loss_cache, JV)
+    H = np.einsum("kbc,lbc->kl", JV, HJV, dtype=np.float64)
+    H += damping * (V.T @ V).astype(np.float64)
+    if pt.l2:
+        W = V[pt.weight_mask]
+        H += pt.l2 * (W.T @ W).astype(np.float64)
+    return 0.5 * (H + H.T)
+
+
+def _solve_small(H, c):
+    """x minimizing ``½ xᵀHx + cᵀx`` for a 1×1 or 2×2 H; the least-squares solution if H is singular."""
+    x = np.linalg.lstsq(H, -c, rcond=1e-12)[0]
+    if not np.isfinite(x).all():
+        return np.zeros_like(c)
+    return x
