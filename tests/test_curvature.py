@@ -15,6 +15,7 @@ import numpy as np
 import oracles
 import pytest
 from conftest import ARCHS, make_problem
+from scipy.integrate import trapezoid  # np.trapezoid is numpy >= 2.0 only
 from scipy.linalg import qr
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
@@ -138,7 +139,8 @@ def test_eigenvalues_of_an_identically_zero_hessian(which):
     H = hvp.HessianOperator(net, hvp.CrossEntropyLoss(), net.init(seed=0), (X, np.zeros(6, dtype=np.int64)))
     assert not np.any(oracles.dense_matrix(H.matvec, net.num_params))
     result = curvature.eigenvalues(H, k=3, which=which)
-    assert result.method == "power" and result.converged
+    # SciPy >= 1.15 ARPACK stops with error -9 and the power method takes over; older ARPACK returns the zeros.
+    assert result.method in ("power", "lanczos") and result.converged
     assert np.array_equal(result.values, np.zeros(3))
     np.testing.assert_allclose(result.vectors.T @ result.vectors, np.eye(3), atol=1e-12)
 
@@ -296,7 +298,7 @@ def test_slq_moments_match_traces_of_powers(kind, loss_kind, reorthogonalize):
     assert result.sigma == sigma and result.num_matvecs == num_probes * 12
     np.testing.assert_allclose(result.weights.sum(axis=1), 1, rtol=1e-10)
     quadrature = [np.sum(result.weights * result.nodes ** j) / num_probes for j in range(5)]
-    density_moments = [np.trapezoid(grid ** j * density, grid) for j in range(5)]
+    density_moments = [trapezoid(grid ** j * density, grid) for j in range(5)]
     expected_smoothing = moments_with_gaussian_kernel(result.nodes, result.weights, sigma, num_probes)
     for j in range(5):
         Aj = np.linalg.matrix_power(A, j)
@@ -312,7 +314,7 @@ def test_density_with_default_grid_and_sigma_integrates_to_one():
     _, op = problem_operator("hessian", "ce_labels")
     result = curvature.spectral_density(op, num_probes=4, lanczos_steps=20)
     grid, density = result
-    assert np.trapezoid(density, grid) == pytest.approx(1, abs=1e-6)
+    assert trapezoid(density, grid) == pytest.approx(1, abs=1e-6)
     assert result.sigma == pytest.approx(np.ptp(result.nodes) / 20)
     assert result.nodes.shape == result.weights.shape == (4, 20)
     assert grid[0] < result.nodes.min() and grid[-1] > result.nodes.max()
