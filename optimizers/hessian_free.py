@@ -178,9 +178,10 @@ class NewtonCG(Optimizer):
         curvature ``dᵀ(H + λI)d / dᵀd`` CG found (Nocedal & Wright 2006, §3.4). The GGN is the
         safe choice for deep nets far from a minimum; near one, where the loss's residual is not
         zero, it converges only linearly and the Hessian is faster (benchmarks/optimizers.py).
-    damping : float
-        Initial λ > 0 (≥ 0 with ``adapt_damping=False``); CG solves ``(B + λI) p = −∇L``.
-        A rejected step raises λ by 3/2 (from λ = 0: to ``‖∇L‖``).
+    damping : float or None
+        Initial λ > 0 (≥ 0 with ``adapt_damping=False``); CG solves ``(B + λI) p = −∇L``. None: the
+        curvature along the first gradient, ``gᵀBg / gᵀg`` (one product), the scale of B where the
+        first step goes. A rejected step raises λ by 3/2, a run of them ever faster (from λ = 0: to ``‖∇L‖``).
     adapt_damping : bool
         Levenberg–Marquardt update of λ from ρ (Martens 2010, §4.1). Off: λ stays, except that a
         rejected step still raises it.
@@ -238,8 +239,8 @@ class NewtonCG(Optimizer):
                    ("rho", "ρ {:+.3f}"), ("cg_iters", "cg {:4d}"), ("cg_stop", "{:18s}"),
                    ("alpha", "α {:.3f}"), ("accepted", "accepted {!s:5}"), ("seconds", "{:.3f} s"))
 
-    def __init__(self, net, loss, theta0, *, curvature="ggn", damping=1.0, adapt_damping=True,
-                 damping_rule="martens", precondition="diag", cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True,
+    def __init__(self, net, loss, theta0, *, curvature="ggn", damping=None, adapt_damping=True,
+                 damping_rule="martens", precondition="kfac", cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True,
                  warm_start=0.95, backtrack=True, line_search=True, curvature_batch=None, l2=0.0, progress=None):
         super().__init__(net, loss, theta0, l2=l2, progress=progress)
         if curvature not in CURVATURES:
@@ -254,7 +255,8 @@ class NewtonCG(Optimizer):
         self.precondition = precondition
         self.recipe = check_recipe(adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing,
                                    warm_start, backtrack, line_search)
-        self.initial_damping = check_positive("damping", damping, allow_zero=not self.recipe["adapt_damping"])
+        self.initial_damping = None if damping is None else \
+            check_positive("damping", damping, allow_zero=not self.recipe["adapt_damping"])
         self.damping = self.initial_damping
         if curvature_batch is not None:
             if isinstance(curvature_batch, (float, np.floating)):
@@ -272,11 +274,12 @@ class NewtonCG(Optimizer):
                 "precondition": self.precondition, "curvature_batch": self.curvature_batch}
 
     def _state(self):
-        return {"damping": self.damping, "offset": self._offset,
+        return {"damping": np.zeros(0) if self.damping is None else self.damping, "offset": self._offset,
                 "warm": self._warm if self._warm is not None else np.zeros(0, self.theta.dtype)}
 
     def _set_state(self, arrays):
-        self.damping = _checkpoint.scalar(arrays, "damping")
+        unset = "damping" in arrays and arrays["damping"].shape == (0,)  # not chosen yet: set at the next step
+        self.damping = None if unset else _checkpoint.scalar(arrays, "damping")
         self._offset = _checkpoint.scalar(arrays, "offset", integer=True)
         warm = _checkpoint.vector(arrays, "warm", self.theta.size, self.theta.dtype, allow_empty=True)
         self._warm = warm if warm.size else None
@@ -344,6 +347,9 @@ class NewtonCG(Optimizer):
                     value += 0.5 * l2 * float(w @ w)
             return value
 
+        if self.damping is None:  # the curvature along the gradient, gᵀBg / gᵀg: the scale of B where it matters
+            g = pt.grad
+            self.damping = max(float(g @ curvature(g)) / max(float(g @ g), 1e-300), 1e-8)
         step, record, damping, warm = hf_step(pt.loss, pt.grad, curvature, objective, self.damping, self._warm,
                                               self._preconditioner(pt), rejections_in_a_row(self.history),
                                               **self.recipe)

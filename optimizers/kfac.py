@@ -133,7 +133,7 @@ class KFAC(Optimizer):
 
     def _state(self):
         state = {"k": self._k, "since_refresh": self._since_refresh, "previous": self._previous,
-                 "damping": np.nan if self.damping is None else self.damping}
+                 "damping": np.zeros(0) if self.damping is None else self.damping}
         refreshed = [] if self._curvature is None else self._curvature.factors
         for name, factors in (("average", list((self._factors or {}).values())), ("refreshed", refreshed)):
             for j, (A, G) in enumerate(factors):
@@ -145,7 +145,7 @@ class KFAC(Optimizer):
         self._k = _checkpoint.scalar(arrays, "k", integer=True)
         self._since_refresh = _checkpoint.scalar(arrays, "since_refresh", integer=True)
         self._previous = _checkpoint.vector(arrays, "previous", P, dtype)
-        unset = "damping" in arrays and arrays["damping"].shape == () and np.isnan(arrays["damping"])
+        unset = "damping" in arrays and arrays["damping"].shape == (0,)  # not chosen yet: set at the next step
         self.damping = None if unset else _checkpoint.scalar(arrays, "damping")
         for name in ("average", "refreshed"):
             if f"{name}_A0" not in arrays:

@@ -346,12 +346,44 @@ def test_preconditioner_is_martens_diagonal(monkeypatch):
         return real_pcg(matvec, g, x0, precond, *args)
 
     monkeypatch.setattr(hessian_free, "pcg", spy)
-    optimizers.NewtonCG(net, loss, theta0, damping=damping, l2=l2).step(X, y)
+    optimizers.NewtonCG(net, loss, theta0, damping=damping, l2=l2, precondition="diag").step(X, y)
     # Σ_n g_n² from an explicit loop: g_n is example n's term of the mean loss, ∇ℓ_n / B.
     sgs = sum((hvp.loss_and_grad(net, loss, theta0, X[n:n + 1], y[n:n + 1])[1] / len(y)) ** 2
               for n in range(len(y)))
     expected = (sgs + l2 * oracles.weight_mask(net.layers) + damping) ** 0.75
     np.testing.assert_allclose(seen["precond"], expected, rtol=1e-10)
+
+
+def test_kfac_preconditioner_is_the_damped_kfac_inverse(monkeypatch):
+    net, loss, theta0, X, y = mlp_problem(B=12)
+    l2, damping = 0.3, 0.7
+    seen = {}
+    real_pcg = hessian_free.pcg
+
+    def spy(matvec, g, x0, precond, *args):
+        seen["precond"] = precond
+        return real_pcg(matvec, g, x0, precond, *args)
+
+    monkeypatch.setattr(hessian_free, "pcg", spy)
+    optimizers.NewtonCG(net, loss, theta0, damping=damping, l2=l2, precondition="kfac").step(X, y)
+    # K-FAC (tests/test_kfac.py proves its factors and inverse) of the gradient batch; 3 outputs: "exact".
+    K = hvp.linearize(net, loss, theta0, X, y, l2).kfac(kind="exact")
+    r = np.random.default_rng(0).normal(size=net.num_params)
+    np.testing.assert_allclose(seen["precond"](r), K.inverse(damping) @ r, rtol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_initial_damping_is_the_curvature_along_the_gradient(curvature):
+    net, loss, theta0, X, y = mlp_problem(B=12)
+    record = optimizers.NewtonCG(net, loss, theta0, curvature=curvature, l2=0.1).step(X, y)
+    g = oracles.fd_gradient(lambda t: oracles.ref_loss(net.layers, t, X, y, "ce_labels", "mean", 0.1), theta0)
+    if curvature == "ggn":
+        B = oracles.ref_ggn(net.layers, theta0, X, y, "ce_labels", "mean", 0.1)
+    else:
+        B = oracles.fd_hessian_from_gradient(
+            lambda t: oracles.fd_gradient(lambda s: oracles.ref_loss(net.layers, s, X, y, "ce_labels", "mean", 0.1),
+                                          t, 1e-4), theta0, 1e-3)
+    assert record["damping"] == pytest.approx(g @ B @ g / (g @ g), rel=1e-4)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
