@@ -158,9 +158,9 @@ class KroneckerFactored(LinearOperator):
         """Per layer ``(a, U_A, g, U_G)``: eigenvalues (clipped at 0) and eigenvectors of A and G, cached."""
         if self._eigen is None:
             self._eigen = []
-            for A, G in self.factors:
-                a, U_A = np.linalg.eigh(A)
-                g, U_G = np.linalg.eigh(G)
+            for A, G in self.factors:  # in float64 whatever θ's dtype: float32 factors lose their small eigenvalues
+                a, U_A = np.linalg.eigh(A.astype(np.float64))
+                g, U_G = np.linalg.eigh(G.astype(np.float64))
                 self._eigen.append((np.maximum(a, 0), U_A, np.maximum(g, 0), U_G))
         return self._eigen
 
@@ -197,11 +197,11 @@ class KroneckerFactored(LinearOperator):
                 denominator = np.outer(a + pi_ * np.sqrt(gamma), g + np.sqrt(gamma) / pi_)
             else:
                 denominator = np.outer(a, g) + gamma
-            scales.append((1 / denominator).astype(self.dtype))
+            scales.append(1 / denominator)
 
         def apply(j, M):
             _, U_A, _, U_G = self._eigen[j]
-            return U_A @ ((U_A.T @ M @ U_G) * scales[j]) @ U_G.T
+            return (U_A @ ((U_A.T @ M @ U_G) * scales[j]) @ U_G.T).astype(self.dtype, copy=False)
 
         def matmat(V):
             return self._rows_product(V, apply, 0.0)

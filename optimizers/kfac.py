@@ -35,6 +35,7 @@ from ._damping import judge, raise_damping, rejections_in_a_row, update_damping
 OMEGA_BASE = 19 / 20
 MAX_INVERSE_EVERY = 20
 DAMPING_RULES = ("nielsen", "martens-grosse")
+GAMMA_STEP = 2.0  # the proposal's damping γ is chosen among γ/2, γ and 2γ at every step
 
 
 class KFAC(Optimizer):
@@ -105,6 +106,7 @@ class KFAC(Optimizer):
         self.kind = kind
         self.initial_damping = None if damping is None else check_positive("damping", damping)
         self.damping = self.initial_damping
+        self.proposal_damping = None  # γ of the proposal; None: λ at the first step
         self.adapt_damping = check_bool("adapt_damping", adapt_damping)
         self.damping_every = check_int("damping_every", damping_every, 1)
         if damping_rule not in DAMPING_RULES:
@@ -133,7 +135,8 @@ class KFAC(Optimizer):
 
     def _state(self):
         state = {"k": self._k, "since_refresh": self._since_refresh, "previous": self._previous,
-                 "damping": np.zeros(0) if self.damping is None else self.damping}
+                 "damping": np.zeros(0) if self.damping is None else self.damping,
+                 "proposal_damping": np.zeros(0) if self.proposal_damping is None else self.proposal_damping}
         refreshed = [] if self._curvature is None else self._curvature.factors
         for name, factors in (("average", list((self._factors or {}).values())), ("refreshed", refreshed)):
             for j, (A, G) in enumerate(factors):
@@ -145,8 +148,9 @@ class KFAC(Optimizer):
         self._k = _checkpoint.scalar(arrays, "k", integer=True)
         self._since_refresh = _checkpoint.scalar(arrays, "since_refresh", integer=True)
         self._previous = _checkpoint.vector(arrays, "previous", P, dtype)
-        unset = "damping" in arrays and arrays["damping"].shape == (0,)  # not chosen yet: set at the next step
-        self.damping = None if unset else _checkpoint.scalar(arrays, "damping")
+        for name in ("damping", "proposal_damping"):  # an empty array: not chosen yet, set at the next step
+            unset = name in arrays and arrays[name].shape == (0,)
+            setattr(self, name, None if unset else _checkpoint.scalar(arrays, name))
         for name in ("average", "refreshed"):
             if f"{name}_A0" not in arrays:
                 continue
@@ -179,13 +183,16 @@ class KFAC(Optimizer):
         if gtol is not None and g_norm <= gtol:
             return None
         dt = g.dtype.type
-        record = {"loss": float(f0), "grad_norm": g_norm, "damping": np.nan, "rho": np.nan, "alpha": 0.0,
+        record = {"loss": float(f0), "grad_norm": g_norm, "damping": np.nan, "proposal_damping": np.nan,
+                  "rho": np.nan, "alpha": 0.0,
                   "mu": 0.0, "trial_loss": np.nan, "products": 0, "fevals": 1, "accepted": False,
                   "rounding": False, "inverse_refreshed": False}
         rejections = rejections_in_a_row(self.history)
         if not (np.isfinite(f0) and np.isfinite(g).all()):
             if self.damping is not None:
                 self.damping = raise_damping(self.damping, rejections, g_norm)
+            if self.proposal_damping is not None:
+                self.proposal_damping = raise_damping(self.proposal_damping, rejections, g_norm)
             record["seconds"] = time.perf_counter() - start
             return record
         # 1. the factors' exponential averages (the new batch's factors enter with weight 1 − ε)
@@ -199,22 +206,33 @@ class KFAC(Optimizer):
         if refresh:
             curvature = kronecker.KroneckerFactored(self.net, factors, self.l2, g.dtype)
         damping = self.damping if self.damping is not None else max(curvature.trace() / g.size, 1e-8)
-        # 2. the proposal, and 3. its scale and the momentum from the exact quadratic model
-        proposal = -curvature.inverse(damping, pi=self.pi).matvec(g)
-        use_momentum = self.momentum and self._previous.any()
-        V = np.stack([proposal, self._previous], axis=1) if use_momentum else proposal[:, None]
-        H, c = _model_matrix(pt, V, damping), (V.T @ g).astype(np.float64)
-        coefficients = _solve_small(H, c)
-        update = V @ coefficients.astype(g.dtype)
-        q = 0.5 * float(c @ coefficients)  # M(δ) at its minimizer along span(V): ½ cᵀx
+        gamma = self.proposal_damping if self.proposal_damping is not None else damping
+        # 2. proposals for γ and, adapting it, γ/ω and γ·ω (§6.4); 3. each one's scale and the momentum from
+        # the exact quadratic model, all from one tangent pass; the proposal whose step lowers the model most wins
+        gammas = (gamma / GAMMA_STEP, gamma, gamma * GAMMA_STEP) if self.adapt_damping else (gamma,)
+        columns = [curvature.inverse(c, pi=self.pi).matvec(-g) for c in gammas]
+        use_momentum = bool(self.momentum and self._previous.any())
+        V = np.stack(columns + ([self._previous] if use_momentum else []), axis=1)
+        with np.errstate(all="ignore"):
+            H, c = _model_matrix(pt, V, damping), V.T.astype(np.float64) @ g
+        best = None
+        for i in range(len(gammas)):
+            pair = [i, len(gammas)] if use_momentum else [i]
+            x = _solve_small(H[np.ix_(pair, pair)], c[pair])
+            q = 0.5 * float(c[pair] @ x)  # M(δ) at its minimizer along the pair: ½ cᵀx
+            if best is None or q < best[0]:
+                best = (q, i, pair, x)
+        q, i, pair, coefficients = best
+        update = V[:, pair] @ coefficients.astype(g.dtype)
         # 4. ρ from one forward pass at the trial point
         trial = self.theta + update
         with np.errstate(all="ignore"):
             f_new = self._loss_at(trial, X, y, pt)
         accepted, rho, rounding = judge(f0, q, f_new, g.dtype)
-        new_damping = damping
+        new_damping, new_gamma = damping, gammas[i]
         if not accepted:
             new_damping = raise_damping(damping, rejections, g_norm)
+            new_gamma = raise_damping(gamma, rejections, g_norm)
         elif self.adapt_damping and not rounding and self.damping_rule == "nielsen":
             new_damping = update_damping(damping, rho, "nielsen")
         elif self.adapt_damping and not rounding and (self._k + 1) % self.damping_every == 0:
@@ -225,10 +243,10 @@ class KFAC(Optimizer):
             self._factors, self._k = factors, self._k + 1
             self._curvature = curvature
             self._since_refresh = 0 if refresh else self._since_refresh + 1
-        self.damping = new_damping
-        record.update(damping=float(damping), rho=float(rho), alpha=float(coefficients[0]),
-                      mu=float(coefficients[1]) if use_momentum else 0.0, trial_loss=float(f_new),
-                      products=V.shape[1], fevals=2, accepted=accepted, rounding=rounding,
+        self.damping, self.proposal_damping = new_damping, new_gamma
+        record.update(damping=float(damping), proposal_damping=float(gammas[i]), rho=float(rho),
+                      alpha=float(coefficients[0]), mu=float(coefficients[1]) if use_momentum else 0.0,
+                      trial_loss=float(f_new), products=V.shape[1], fevals=2, accepted=accepted, rounding=rounding,
                       inverse_refreshed=bool(refresh), seconds=time.perf_counter() - start)
         return record
 
@@ -249,18 +267,24 @@ def _model_matrix(pt, V, damping):
     ``VᵀGV = Σ_b (J_b V)ᵀ ∇²ℓ_b (J_b V)``: one tangent pass (``pt.jvp``) and the loss Hessian at the
     outputs, a third of the work of ``pt.ggnvp(V)``, which would also run the backward pass.
     """
+    if not np.isfinite(V).all():  # the proposal overflowed: no model
+        return np.full((V.shape[1],) * 2, np.nan)
     JV = np.ascontiguousarray(pt.jvp(V).transpose(1, 0, 2))  # (k, B, C)
     HJV = pt.loss_fn.hessian_vp(pt.loss_cache, JV)
     H = np.einsum("kbc,lbc->kl", JV, HJV, dtype=np.float64)
-    H += damping * (V.T @ V).astype(np.float64)
+    V = V.astype(np.float64)  # sums of P squares overflow float32 long before the step is useless
+    H += damping * (V.T @ V)
     if pt.l2:
         W = V[pt.weight_mask]
-        H += pt.l2 * (W.T @ W).astype(np.float64)
+        H += pt.l2 * (W.T @ W)
     return 0.5 * (H + H.T)
 
 
 def _solve_small(H, c):
-    """x minimizing ``½ xᵀHx + cᵀx`` for a 1×1 or 2×2 H; the least-squares solution if H is singular."""
+    """x minimizing ``½ xᵀHx + cᵀx`` for a 1×1 or 2×2 H; the least-squares solution if H is singular; 0 if
+    H or c is not finite (a proposal that overflowed), which the step's judgement then rejects."""
+    if not (np.isfinite(H).all() and np.isfinite(c).all()):
+        return np.zeros_like(c)
     x = np.linalg.lstsq(H, -c, rcond=1e-12)[0]
     if not np.isfinite(x).all():
         return np.zeros_like(c)

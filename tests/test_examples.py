@@ -11,9 +11,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # (script, arguments, text the output must contain); scikit-learn examples need the digits data.
 RUNS = {
     "quickstart": ("quickstart.py", [], "symmetric: True"),
-    "newton_cg_digits": ("newton_cg_digits.py",
-                         ["--hidden", "16", "--newton-iters", "3", "--adam-epochs", "2", "--output", "digits.png"],
-                         "test acc"),
+    "train_digits": ("train_digits.py", ["--hidden", "16", "--seconds", "0.2", "--output", "digits.png"],
+                     "Lowest training loss after 0.2 s"),
     "curves_autoencoder": ("curves_autoencoder.py", ["--n-train", "40", "--n-test", "20", "--budget", "0.3"],
                            "squared reconstruction error per example"),
     "sobolev_fit": ("sobolev_fit.py", ["--samples", "8", "--seeds", "1", "--max-iter", "5"], "RMSE"),
@@ -21,7 +20,7 @@ RUNS = {
     "curvature_spectrum": ("curvature_spectrum.py", ["--out", "spectrum.png", "--checkpoints", "0", "3"],
                            "top-5 eigenvalues"),
 }
-NEEDS_SKLEARN = {"newton_cg_digits", "gradient_noise", "curvature_spectrum"}
+NEEDS_SKLEARN = {"train_digits", "gradient_noise", "curvature_spectrum"}
 
 
 @pytest.mark.parametrize("name", list(RUNS))

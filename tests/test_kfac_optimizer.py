@@ -95,18 +95,26 @@ def test_steps_match_explicit_derivation(momentum, pi):
     average, previous = None, np.zeros(net.num_params)
     for k in (1, 2):
         damping = opt.damping  # 0.1, then whatever the damping rule made of it
+        gamma = damping if opt.proposal_damping is None else opt.proposal_damping  # the proposal's damping
         blocks = layer_blocks(layers, theta, X)
         batch = [(A, G) for (_, _, A), (_, G) in zip(blocks, batch_factors(net, loss, theta, X, y, l2))]
         average = averaged(average, batch, k, 0.95)
         g = oracles.fd_gradient(lambda t: oracles.ref_loss(layers, t, X, y, "ce_labels", "mean", l2), theta)
-        proposal = -dense_inverse(blocks, average, damping, l2, pi) @ g
         C = oracles.ref_ggn(layers, theta, X, y, "ce_labels", "mean", l2) + damping * np.eye(net.num_params)
-        V = np.stack([proposal, previous], axis=1) if momentum and k == 2 else proposal[:, None]
-        coefficients = np.linalg.solve(V.T @ C @ V, -V.T @ g)  # minimizes ½ xᵀ(VᵀCV)x + (Vᵀg)ᵀx
-        if V.shape[1] == 1:  # the 1-D case in closed form: α = −gᵀΔ / ΔᵀCΔ
-            assert coefficients[0] == pytest.approx(-(g @ proposal) / (proposal @ C @ proposal), rel=1e-12)
+        best = None  # γ/2, γ, 2γ: the proposal whose step lowers the model most
+        for candidate in (gamma / 2, gamma, 2 * gamma):
+            proposal = -dense_inverse(blocks, average, candidate, l2, pi) @ g
+            V = np.stack([proposal, previous], axis=1) if momentum and k == 2 else proposal[:, None]
+            coefficients = np.linalg.solve(V.T @ C @ V, -V.T @ g)  # minimizes ½ xᵀ(VᵀCV)x + (Vᵀg)ᵀx
+            if V.shape[1] == 1:  # the 1-D case in closed form: α = −gᵀΔ / ΔᵀCΔ
+                assert coefficients[0] == pytest.approx(-(g @ proposal) / (proposal @ C @ proposal), rel=1e-12)
+            q = 0.5 * coefficients @ (V.T @ g)
+            if best is None or q < best[0]:
+                best = (q, candidate, V, coefficients)
+        _, chosen, V, coefficients = best
         record = opt.step(X, y)
-        assert record["accepted"] and record["damping"] == damping and record["products"] == V.shape[1]
+        assert record["accepted"] and record["damping"] == damping and record["products"] == V.shape[1] + 2
+        assert record["proposal_damping"] == pytest.approx(chosen, rel=1e-12)
         assert record["alpha"] == pytest.approx(coefficients[0], rel=1e-6)
         assert record["mu"] == (pytest.approx(coefficients[1], rel=1e-6) if V.shape[1] == 2 else 0.0)
         close(opt.theta - theta, V @ coefficients, rtol=1e-6)
