@@ -1,4 +1,4 @@
-"""The deep autoencoder on CURVES-style data: Newton-CG (Hessian-free) against Adam and SGD.
+"""The deep autoencoder on CURVES-style data: Newton-CG (Hessian-free) and K-FAC against Adam and SGD.
 
 Hinton & Salakhutdinov's (2006) CURVES autoencoder, the problem on which Martens (2010)
 showed Hessian-free optimization training a deep network from a random start:
@@ -86,10 +86,11 @@ def main(argv=None):
                         help="fraction of the training set for curvature products (Martens: a mini-batch)")
     parser.add_argument("--damping", type=float, default=1.0, help="Newton-CG's initial damping λ")
     parser.add_argument("--batch", type=int, default=200, help="mini-batch size of Adam and SGD")
+    parser.add_argument("--kfac-batch", type=int, default=2000, help="mini-batch size of K-FAC")
     parser.add_argument("--adam-lr", type=float, default=1e-3)
     parser.add_argument("--sgd-lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=["Newton-CG", "Adam", "SGD"])
+    parser.add_argument("--methods", nargs="+", default=["Newton-CG", "K-FAC", "Adam", "SGD"])
     args = parser.parse_args(argv)
     hvp.reuse_freed_memory()  # keep freed arrays for reuse: about 2× on full-batch products here
     if args.quick:
@@ -113,6 +114,12 @@ def main(argv=None):
 
             def run_step(opt=opt):
                 opt.step(X_train, X_train)
+        elif name == "K-FAC":
+            opt = optimizers.KFAC(net, loss, theta0)
+
+            def run_step(opt=opt):
+                rows = rng.choice(args.n_train, size=min(args.kfac_batch, args.n_train), replace=False)
+                opt.step(X_train[rows], X_train[rows])
         elif name in ("Adam", "SGD"):
             opt = (optimizers.Adam(net, loss, theta0, lr=args.adam_lr) if name == "Adam"
                    else optimizers.SGD(net, loss, theta0, lr=args.sgd_lr, momentum=0.9))
@@ -121,7 +128,7 @@ def main(argv=None):
                 rows = rng.choice(args.n_train, size=min(args.batch, args.n_train), replace=False)
                 opt.step(X_train[rows], X_train[rows])
         else:
-            raise SystemExit(f"unknown method {name!r}: choose from Newton-CG, Adam, SGD")
+            raise SystemExit(f"unknown method {name!r}: choose from Newton-CG, K-FAC, Adam, SGD")
         tables[name] = race(name, opt, run_step, args.budget, checkpoints, net, X_train, X_test)
 
     print("\nsquared reconstruction error per example (train / test) after optimizer seconds")
