@@ -335,9 +335,9 @@ def test_a_step_that_raises_f_beyond_rounding_is_rejected():
 # --------------------------------------------------------------------------- what a step feeds to CG
 
 
-def test_preconditioner_is_martens_diagonal(monkeypatch):
+def preconditioner_given_to_cg(monkeypatch, precondition, l2, damping):
+    """One NewtonCG step on a small problem; the preconditioner it handed to CG, and the problem."""
     net, loss, theta0, X, y = mlp_problem(B=12)
-    l2, damping = 0.3, 0.7
     seen = {}
     real_pcg = hessian_free.pcg
 
@@ -346,30 +346,27 @@ def test_preconditioner_is_martens_diagonal(monkeypatch):
         return real_pcg(matvec, g, x0, precond, *args)
 
     monkeypatch.setattr(hessian_free, "pcg", spy)
-    optimizers.NewtonCG(net, loss, theta0, damping=damping, l2=l2, precondition="diag").step(X, y)
+    optimizers.NewtonCG(net, loss, theta0, damping=damping, l2=l2, precondition=precondition).step(X, y)
+    return seen["precond"], (net, loss, theta0, X, y)
+
+
+def test_preconditioner_is_martens_diagonal(monkeypatch):
+    l2, damping = 0.3, 0.7
+    precond, (net, loss, theta0, X, y) = preconditioner_given_to_cg(monkeypatch, "diag", l2, damping)
     # Σ_n g_n² from an explicit loop: g_n is example n's term of the mean loss, ∇ℓ_n / B.
     sgs = sum((hvp.loss_and_grad(net, loss, theta0, X[n:n + 1], y[n:n + 1])[1] / len(y)) ** 2
               for n in range(len(y)))
     expected = (sgs + l2 * oracles.weight_mask(net.layers) + damping) ** 0.75
-    np.testing.assert_allclose(seen["precond"], expected, rtol=1e-10)
+    np.testing.assert_allclose(precond, expected, rtol=1e-10)
 
 
 def test_kfac_preconditioner_is_the_damped_kfac_inverse(monkeypatch):
-    net, loss, theta0, X, y = mlp_problem(B=12)
     l2, damping = 0.3, 0.7
-    seen = {}
-    real_pcg = hessian_free.pcg
-
-    def spy(matvec, g, x0, precond, *args):
-        seen["precond"] = precond
-        return real_pcg(matvec, g, x0, precond, *args)
-
-    monkeypatch.setattr(hessian_free, "pcg", spy)
-    optimizers.NewtonCG(net, loss, theta0, damping=damping, l2=l2, precondition="kfac").step(X, y)
+    precond, (net, loss, theta0, X, y) = preconditioner_given_to_cg(monkeypatch, "kfac", l2, damping)
     # K-FAC (tests/test_kfac.py proves its factors and inverse) of the gradient batch; 3 outputs: "exact".
     K = hvp.linearize(net, loss, theta0, X, y, l2).kfac(kind="exact")
     r = np.random.default_rng(0).normal(size=net.num_params)
-    np.testing.assert_allclose(seen["precond"](r), K.inverse(damping) @ r, rtol=1e-12)
+    np.testing.assert_allclose(precond(r), K.inverse(damping) @ r, rtol=1e-12)
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "hessian"])
