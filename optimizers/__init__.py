@@ -12,7 +12,8 @@ All three take ``(net, loss, theta0, ...)`` and offer ``step(X, y)``, ``minimize
 """
 
 from .first_order import SGD, Adam
-from .hessian_free import NewtonCG, newton_cg
+from .hessian_free import NewtonCG
 from .kfac import KFAC
+from .minimize import newton_cg
 
 __all__ = ["NewtonCG", "newton_cg", "KFAC", "SGD", "Adam"]

@@ -5,8 +5,11 @@ Every part of the recipe is a keyword of :class:`NewtonCG` (and :func:`newton_cg
 - curvature ``"ggn"`` (default) or ``"hessian"``, products from one cached linearization per step —
   Martens 2010, "Deep learning via Hessian-free optimization", ICML, §4.2;
 - Levenberg–Marquardt damping: CG works on ``B + λI`` and λ follows the reduction ratio
-  ``ρ = (f(θ + p) − f(θ)) / (q(p) − q(0))``: ρ < 1/4 → λ·3/2, ρ > 3/4 → λ·2/3 — Martens 2010, §4.1;
-- preconditioned CG, ``M = (diag(Σ_n g_n²) + l2·[weight] + λ)^0.75`` — Martens 2010, §4.7;
+  ``ρ = (f(θ + p) − f(θ)) / (q(p) − q(0))``: ρ < 1/4 → λ·3/2, ρ > 3/4 → λ·2/3 — Martens 2010, §4.1 —
+  or Nielsen's smooth rule (:mod:`optimizers._damping`); λ0 the curvature along the first gradient;
+- preconditioned CG: the inverse of the batch's K-FAC matrix plus λ (Martens & Grosse 2015,
+  "Optimizing neural networks with Kronecker-factored approximate curvature"), or Martens' diagonal
+  ``M = (diag(Σ_n g_n²) + l2·[weight] + λ)^0.75`` — Martens 2010, §4.7;
 - CG stopped by the relative progress of ``q`` (k = max(10, 0.1·i), ε = 5e-4) or a cap — Martens 2010, §4.4;
   and by the inexact-Newton forcing rule ``‖r‖ <= min(1/2, √‖∇f‖)·‖∇f‖``, which keeps CG short far from
   a minimum — Nocedal & Wright 2006, "Numerical Optimization", Algorithm 7.1;
@@ -22,17 +25,18 @@ Every part of the recipe is a keyword of :class:`NewtonCG` (and :func:`newton_cg
 
 Nothing is lost: a step whose new loss is NaN/Inf, whose ρ <= 0, or whose line search fails is
 rejected — θ stays as it was (it is replaced, never written into, only once a step is accepted),
-λ is raised by 3/2 (from 0: to ‖∇f‖) and the next CG starts from zero.
+λ is raised by 3/2, by 3/2·2ʳ after r rejections in a row (from 0: to ‖∇f‖), and the next CG starts
+from zero. A step whose predicted decrease lies within the rounding of f is not judged by ρ
+(:func:`optimizers._damping.judge`).
 """
 
 import time
 
 import numpy as np
-from scipy.optimize import OptimizeResult
 
 import hvp
 from hvp import kfac as kronecker
-from hvp._checks import check_finite, check_inputs, describe, real_array
+from hvp._checks import check_inputs
 
 from . import _checkpoint
 from ._base import Optimizer, check_bool, check_int, check_positive
@@ -359,115 +363,3 @@ class NewtonCG(Optimizer):
         record["fevals"] += 1  # the loss at θ, from the linearization
         record["seconds"] = time.perf_counter() - start
         return record
-
-
-def newton_cg(fun, x0, jac, hessp, args=(), *, hess_diag=None, damping=1.0, adapt_damping=True, damping_rule="martens",
-              precondition=True,
-              cg_max_iter=250, cg_progress_tol=5e-4, cg_forcing=True, warm_start=0.95, backtrack=True,
-              line_search=True, gtol=1e-5, maxiter=100, max_rejections=20, callback=None):
-    """Minimize ``fun`` by Martens' damped Newton-CG, given gradient and Hessian-vector products.
-
-    Parameters
-    ----------
-    fun : callable
-        ``fun(x, *args) -> float`` (or ``(float, gradient)`` with ``jac=True``).
-    x0 : array_like, shape (n,)
-        Start (copied, as float64).
-    jac : callable or True
-        ``jac(x, *args) -> (n,)``; True if ``fun`` returns the gradient too.
-    hessp : callable
-        ``hessp(x, p, *args) -> (n,)``: the curvature (Hessian, or a Gauss-Newton matrix) times p.
-    args : tuple
-        Extra arguments of fun, jac, hessp, hess_diag.
-    hess_diag : callable or None
-        ``hess_diag(x, *args) -> (n,)``, a nonnegative diagonal for the preconditioner
-        ``(hess_diag + λ)^0.75`` (e.g. Σ_n g_n²); None: no preconditioner.
-    damping, adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing, warm_start, backtrack, line_search
-        As for :class:`NewtonCG`.
-    precondition : bool
-        Use ``hess_diag`` for the preconditioner.
-    gtol : float
-        Stop once ``‖∇f(x)‖₂ <= gtol``.
-    maxiter : int
-        Most outer iterations (accepted or rejected steps).
-    max_rejections : int
-        Stop after this many rejected steps in a row.
-    callback : callable or None
-        ``callback(intermediate_result)`` after each step with an OptimizeResult holding ``x`` and
-        the step's record; returning True stops.
-
-    Returns
-    -------
-    scipy.optimize.OptimizeResult
-        ``x``, ``fun``, ``jac``, ``nit``, ``nfev``, ``njev``, ``nhev``, ``status``, ``success``,
-        ``message``, ``history`` (as :attr:`NewtonCG.history`).
-    """
-    if not callable(fun):
-        raise TypeError(f"fun must be callable, got {describe(fun)}")
-    if not (jac is True or callable(jac)):
-        raise TypeError(f"jac must be callable or True, got {describe(jac)}")
-    for name, f in (("hessp", hessp), ("hess_diag", hess_diag), ("callback", callback)):
-        if f is not None and not callable(f):
-            raise TypeError(f"{name} must be callable, got {describe(f)}")
-    if hessp is None:
-        raise TypeError("hessp must be callable: hessp(x, p, *args) -> the curvature times p")
-    x = real_array("x0", x0, np.float64).ravel().copy()
-    if x.size == 0:
-        raise ValueError(f"x0 must hold at least one number, got {describe(x0)}")
-    check_finite("x0", x)
-    if not isinstance(args, tuple):
-        raise TypeError(f"args must be a tuple of extra arguments, got {describe(args)}")
-    precondition = check_bool("precondition", precondition)
-    recipe = check_recipe(adapt_damping, damping_rule, cg_max_iter, cg_progress_tol, cg_forcing, warm_start,
-                          backtrack, line_search)
-    damping = check_positive("damping", damping, allow_zero=not adapt_damping)
-    gtol = check_positive("gtol", gtol, allow_zero=True)
-    maxiter = check_int("maxiter", maxiter, 0)
-    max_rejections = check_int("max_rejections", max_rejections, 1)
-    counts = {"nfev": 0, "njev": 0, "nhev": 0}
-
-    def value_and_grad(x):
-        counts["nfev"] += 1
-        counts["njev"] += 1
-        f, g = fun(x, *args) if jac is True else (fun(x, *args), jac(x, *args))
-        return float(f), np.asarray(g, dtype=np.float64).ravel()
-
-    def value(x):
-        counts["nfev"] += 1
-        return float(fun(x, *args)[0] if jac is True else fun(x, *args))
-
-    history, warm, rejected = [], None, 0
-    status, message = 1, "maximum number of iterations reached"
-    f0, g = value_and_grad(x)
-    for it in range(maxiter + 1):
-        if np.linalg.norm(g) <= gtol:
-            status, message = 0, f"gradient norm <= gtol = {gtol:g}"
-            break
-        if it == maxiter:
-            break
-        start = time.perf_counter()
-        preconditioner = None
-        if precondition and hess_diag is not None:
-            preconditioner = diagonal_preconditioner(np.asarray(hess_diag(x, *args), dtype=np.float64).ravel())
-
-        def curvature(v, x=x):
-            counts["nhev"] += 1
-            return np.asarray(hessp(x, v, *args), dtype=np.float64).ravel()
-
-        step, record, damping, warm = hf_step(f0, g, curvature, lambda p, x=x: value(x + p), damping, warm,
-                                              preconditioner,
-                                              rejected, **recipe)
-        if step is not None:
-            x = x + step
-            f0, g = value_and_grad(x)
-        record.update(seconds=time.perf_counter() - start, step=it)
-        history.append(record)
-        rejected = 0 if record["accepted"] else rejected + 1
-        if callback is not None and callback(OptimizeResult(x=x.copy(), **record)) is True:
-            status, message = 3, "stopped by the callback"
-            break
-        if rejected >= max_rejections:
-            status, message = 2, f"{rejected} rejected steps in a row"
-            break
-    return OptimizeResult(x=x, fun=f0, jac=g, nit=len(history), status=status, success=status == 0,
-                          message=message, history=history, **counts)

@@ -6,17 +6,19 @@ Kronecker-factored approximate curvature", ICML; sections cited below):
 1. one forward and backward pass (``hvp.linearize``): loss, gradient g, and the per-layer factors
    ``A``, ``G`` of :mod:`hvp.kfac`, folded into exponential averages with decay
    ``min(1 − 1/k, factor_decay)`` at step k (§5);
-2. the proposal ``Δ = −(K + λI)⁻¹ g`` from the averaged factors' eigendecompositions, refreshed every
-   ``inverse_every`` steps (§8), with Tikhonov damping split between the factors by π (§6.3) and
-   the L2 weight inside it (``γ = λ + l2``, §6.6);
-3. the update ``δ = αΔ + μδ₀`` (δ₀ the previous update) with α and μ minimizing the quadratic model
-   ``M(δ) = ½ δᵀ(G + λI)δ + gᵀδ`` with the exact Gauss-Newton matrix G of the batch: a 2×2 system
-   ``[Δ, δ₀]ᵀ(G + λI)[Δ, δ₀]`` from one tangent pass of the two directions (§7);
-4. ``ρ = (f(θ + δ) − f(θ)) / M(δ)`` from one more forward pass; λ follows ρ, by Nielsen's smooth
-   rule every step (default) or by Martens & Grosse's ``λ·ω^±1`` every ``damping_every`` steps (§6.5).
+2. proposals ``Δ_γ = −(K + γI)⁻¹ g`` from the averaged factors' eigendecompositions, refreshed every
+   ``inverse_every`` steps (§8), the damping γ (+ l2, §6.6) split between the factors by π (§6.3),
+   for γ and, while adapting it, γ/2 and 2γ (§6.4);
+3. for each, the update ``δ = αΔ_γ + μδ₀`` (δ₀ the previous update) with α and μ minimizing the
+   quadratic model ``M(δ) = ½ δᵀ(G + λI)δ + gᵀδ`` with the exact Gauss-Newton matrix G of the batch:
+   2×2 systems from one tangent pass of all the directions (§7). The update that lowers M most is
+   taken, and its γ kept for the next step;
+4. ``ρ = (f(θ + δ) − f(θ)) / M(δ)`` from one more forward pass; the model's damping λ follows ρ, by
+   Nielsen's smooth rule every step (default) or by Martens & Grosse's ``λ·ω^±1`` every
+   ``damping_every`` steps (§6.5).
 
 Nothing is lost: a step whose new loss is NaN/Inf or higher than the old one (ρ <= 0) is rejected,
-θ and the momentum stay, and λ rises as in :func:`optimizers.hessian_free.raise_damping`.
+θ and the momentum stay, and λ and γ rise as in :func:`optimizers._damping.raise_damping`.
 """
 
 import math
@@ -55,9 +57,9 @@ class KFAC(Optimizer):
     num_samples : int
         Sampled targets per example for "mc".
     damping : float or None
-        Initial λ; None: the mean eigenvalue of the first step's K-FAC matrix, ``tr(K)/P``.
+        Initial λ, and γ; None: the mean eigenvalue of the first step's K-FAC matrix, ``tr(K)/P``.
     adapt_damping : bool
-        Adapt λ to the reduction ratio ρ.
+        Adapt λ to the reduction ratio ρ, and γ by the model's choice among γ/2, γ, 2γ.
     damping_rule : {"nielsen", "martens-grosse"}
         ``"nielsen"``: every step, ``λ·max(1/3, 1 − (2ρ − 1)³)`` (Nielsen 1999; see
         :func:`optimizers._damping.update_damping`); ``"martens-grosse"``: every ``damping_every``
@@ -85,10 +87,13 @@ class KFAC(Optimizer):
     Attributes
     ----------
     theta : ndarray, shape (P,)
-    damping : float
-        Current λ.
+    damping : float or None
+        Current λ (None until the first step).
+    proposal_damping : float or None
+        Current γ of the proposal (None until the first step).
     history : list of dict
-        Per step: ``loss`` (before the step), ``grad_norm``, ``damping`` (λ used), ``rho``,
+        Per step: ``loss`` (before the step), ``grad_norm``, ``damping`` (λ used), ``proposal_damping``
+        (γ taken), ``rho``,
         ``alpha``, ``mu``, ``trial_loss``, ``products`` (curvature products), ``fevals``,
         ``accepted``, ``rounding``, ``inverse_refreshed``, ``seconds``, ``step``.
     """
