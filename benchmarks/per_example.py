@@ -23,12 +23,14 @@ import common
 import numpy as np
 from common import BATCH, WIDTHS
 
-QUANTITIES = ("sum_grad_squared", "variance", "batch_l2", "diag_ggn", "diag_ggn_mc", "batch_grad")
+QUANTITIES = ("sum_grad_squared", "variance", "batch_l2", "diag_ggn", "diag_ggn_mc", "diag_hessian", "batch_grad")
 TARGETS = {"sum_grad_squared": 1.4, "variance": 1.4, "batch_l2": 1.1, "diag_ggn": 2.5}  # × gradient
 BACKPACK_NAMES = {"sum_grad_squared": "SumGradSquared", "variance": "Variance", "batch_l2": "BatchL2Grad",
-                  "batch_grad": "BatchGrad", "diag_ggn": "DiagGGNExact", "diag_ggn_mc": "DiagGGNMC"}
+                  "batch_grad": "BatchGrad", "diag_ggn": "DiagGGNExact", "diag_ggn_mc": "DiagGGNMC",
+                  "diag_hessian": "DiagHessian"}
 BACKPACK_ATTRS = {"sum_grad_squared": "sum_grad_squared", "variance": "variance", "batch_l2": "batch_l2",
-                  "batch_grad": "grad_batch", "diag_ggn": "diag_ggn_exact", "diag_ggn_mc": "diag_ggn_mc"}
+                  "batch_grad": "grad_batch", "diag_ggn": "diag_ggn_exact", "diag_ggn_mc": "diag_ggn_mc",
+                  "diag_hessian": "diag_h"}
 
 
 def ours(net, theta, X, y):
@@ -152,7 +154,7 @@ def agreement(net, theta, X, y, theirs):
 
     pt = hvp.linearize(net, hvp.CrossEntropyLoss(), theta, X, y)
     rows = {}
-    for name in ("sum_grad_squared", "variance", "batch_l2", "batch_grad", "diag_ggn"):
+    for name in ("sum_grad_squared", "variance", "batch_l2", "batch_grad", "diag_ggn", "diag_hessian"):
         model = theirs[name]()
         ref = backpack_as_ours(model, BACKPACK_ATTRS[name]).astype(np.float64)
         if name == "variance":
