@@ -73,7 +73,7 @@ def batch_factors(pt, kind="exact", num_samples=1, rng=None):
     kind : {"exact", "mc", "empirical"}
     num_samples : int
         Sampled columns per example for ``"mc"``.
-    rng : numpy.random.Generator or None
+    rng : anything ``numpy.random.default_rng`` takes
         For ``"mc"``.
     """
     indices = kronecker_layers(pt.net)
