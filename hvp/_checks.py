@@ -159,6 +159,28 @@ def check_direction(name, v, num_params, dtype):
     return v
 
 
+def check_int(name, value, minimum):
+    """An int (not a bool) >= ``minimum``, as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def is_batch(data):
+    """Whether ``data`` is one (X, y) pair rather than a collection of them."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape")
+
+
+def check_batch(i, batch):
+    """Batch i of a data set: an (X, y) pair (its arrays are checked where they are used)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"data must be an (X, y) pair or an iterable of (X, y) batches; "
+                        f"batch {i} is {describe(batch)}")
+    return batch
+
+
 def check_bool(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {describe(value)}")

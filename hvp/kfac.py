@@ -27,7 +27,19 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from . import products
-from ._checks import check_direction, check_l2, check_loss, check_net, check_seed, check_theta, describe
+from ._checks import (
+    check_batch,
+    check_direction,
+    check_int,
+    check_l2,
+    check_loss,
+    check_net,
+    check_real,
+    check_seed,
+    check_theta,
+    describe,
+    is_batch,
+)
 
 KINDS = ("exact", "mc", "empirical")
 MAX_EXACT_OUTPUTS = 16
@@ -36,11 +48,7 @@ MAX_EXACT_OUTPUTS = 16
 def check_kind(kind, num_samples):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if isinstance(num_samples, (bool, np.bool_)) or not isinstance(num_samples, (int, np.integer)):
-        raise TypeError(f"num_samples must be an int >= 1, got {describe(num_samples)}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples}")
-    return int(num_samples)
+    return check_int("num_samples", num_samples, 1)
 
 
 def default_kind(num_outputs):
@@ -184,11 +192,9 @@ class KroneckerFactored(LinearOperator):
         -------
         LinearOperator, shape (P, P)
         """
-        if isinstance(damping, (bool, np.bool_)) or not np.isscalar(damping) or not np.isreal(damping):
-            raise TypeError(f"damping must be a real number, got {describe(damping)}")
-        gamma = float(damping) + self.l2
-        if not (np.isfinite(damping) and damping >= 0 and gamma > 0):
-            raise ValueError(f"damping must be a finite number >= 0 (> 0 when l2 = 0), got {damping!r}")
+        gamma = check_real("damping", damping, minimum=0) + self.l2
+        if not gamma > 0:
+            raise ValueError(f"damping must be > 0 when l2 = 0, got {damping!r}")
         scales = []
         for (a, _, g, _), (A, G) in zip(self.eigen(), self.factors):
             if pi:
@@ -249,11 +255,11 @@ class KFACOperator(KroneckerFactored):
         theta = check_theta(theta, net.num_params)
         num_samples = check_kind(kind, num_samples)
         l2 = check_l2(l2)
-        if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
+        if is_batch(data):
             data = [data]
         rng = check_seed(seed)
         sums, batches, loss_sum = {}, [], 0.0
-        for X, y in data:
+        for X, y in (check_batch(i, batch) for i, batch in enumerate(data)):
             pt = products.linearize(net, loss, theta, X, y)
             B = pt.outputs.shape[0]
             weight = B if loss.reduction == "mean" else 1

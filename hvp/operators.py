@@ -19,19 +19,18 @@ with ``scipy.sparse.linalg.eigsh``, ``cg`` and ``minres``.
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
-from ._checks import check_bool, check_direction, check_l2, check_loss, check_net, check_theta, describe
+from ._checks import (
+    check_batch,
+    check_bool,
+    check_direction,
+    check_l2,
+    check_loss,
+    check_net,
+    check_theta,
+    describe,
+    is_batch,
+)
 from .products import linearize
-
-
-def _is_pair(data):
-    return isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape")
-
-
-def _check_batch(i, batch):
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"data must be an (X, y) pair or an iterable of (X, y) batches; "
-                        f"batch {i} is {describe(batch)}")
-    return batch
 
 
 class _DatasetCurvature(LinearOperator):
@@ -47,7 +46,7 @@ class _DatasetCurvature(LinearOperator):
         self.net, self.loss_fn, self.theta = net, loss, theta.copy()
         self.l2 = check_l2(l2)
         self.cache = check_bool("cache", cache)
-        if _is_pair(data):
+        if is_batch(data):
             data = [data]
         elif not hasattr(data, "__iter__"):
             raise TypeError(f"data must be an (X, y) pair or an iterable of (X, y) batches, got {describe(data)}")
@@ -60,7 +59,7 @@ class _DatasetCurvature(LinearOperator):
         self.batch_sizes = []
         loss_sum, grad_sum = 0.0, np.zeros(net.num_params, dtype=theta.dtype)
         for i, batch in enumerate(data):
-            X, y = _check_batch(i, batch)
+            X, y = check_batch(i, batch)
             pt = linearize(net, loss, self.theta, X, y)
             factor = self._batch_factor(pt)
             loss_sum += factor * pt.loss
@@ -88,7 +87,7 @@ class _DatasetCurvature(LinearOperator):
         if self.cache:
             batches = self._linearizations
         else:
-            batches = (linearize(self.net, self.loss_fn, self.theta, *_check_batch(i, batch))
+            batches = (linearize(self.net, self.loss_fn, self.theta, *check_batch(i, batch))
                        for i, batch in enumerate(self._data))
         count = 0
         for pt in batches:

@@ -16,7 +16,7 @@ or less per layer and never form a (B, m, n) array.
 
 import numpy as np
 
-from ._checks import check_seed, describe
+from ._checks import check_int, check_seed, describe
 from .activations import Elementwise
 from .layers import Linear
 
@@ -158,9 +158,6 @@ def diag_ggn_mc(pt, num_samples=1, seed=0):
     ``num_samples`` draws per example (an int >= 1); ``seed`` (an int >= 0, a numpy.random.Generator
     or None) for ``numpy.random.default_rng``.
     """
-    if isinstance(num_samples, (bool, np.bool_)) or not isinstance(num_samples, (int, np.integer)):
-        raise TypeError(f"num_samples must be an int >= 1, got {describe(num_samples)}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples}")
+    num_samples = check_int("num_samples", num_samples, 1)
     rng = check_seed(seed)
-    return _diag_ggn_from_factor(pt, pt.loss_fn.sample_hessian_sqrt(pt.loss_cache, int(num_samples), rng))
+    return _diag_ggn_from_factor(pt, pt.loss_fn.sample_hessian_sqrt(pt.loss_cache, num_samples, rng))

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 import hvp
-from hvp._checks import check_l2, check_loss, check_net, check_theta, describe
+from hvp._checks import check_int, check_l2, check_loss, check_net, check_theta, describe
 
 from . import _checkpoint
 
@@ -30,20 +30,6 @@ def check_positive(name, value, allow_zero=False):
     if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
-
-
-def check_int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {describe(value)}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {describe(value)}")
-    return bool(value)
 
 
 def batches(data):
@@ -109,6 +95,20 @@ class Optimizer:
         parts = [f"step {record['step']:5d}"]
         parts += [fmt.format(record[key]) for key, fmt in self.LINE_FIELDS if key in record]
         return "  ".join(parts)
+
+    def _objective(self, theta, X, y, weight_mask):
+        """The objective at θ on a checked batch: one forward pass; +inf where it is NaN or Inf.
+
+        X (B, in_features) and y as returned by ``check_inputs`` and ``loss.check_target``;
+        weight_mask (P,) as ``Linearization.weight_mask``.
+        """
+        with np.errstate(all="ignore"):
+            O, _ = self.net.forward_cached(self.net.unflatten(theta), X)
+            value = self.loss.forward(O, y)[0]
+            if self.l2:
+                w = theta[weight_mask]
+                value += 0.5 * self.l2 * float(w @ w)
+        return value if np.isfinite(value) else np.inf
 
     # -- the loop ------------------------------------------------------------
 

@@ -135,6 +135,18 @@ def scalar(arrays, name, integer=False, minimum=0):
     return int(value) if integer else float(value)
 
 
+def optional(value):
+    """A state number that may be unset (None) as an array: the number, or an empty array for None."""
+    return np.zeros(0) if value is None else np.asarray(value)
+
+
+def optional_scalar(arrays, name):
+    """``state_<name>`` saved by :func:`optional`: None for an empty array, else as :func:`scalar`."""
+    if name in arrays and arrays[name].shape == (0,):
+        return None
+    return scalar(arrays, name)
+
+
 def _get(arrays, name):
     if name not in arrays:
         raise ValueError(f"state {name} is missing")

@@ -10,9 +10,10 @@ import time
 import numpy as np
 
 import hvp
+from hvp._checks import check_bool
 
 from . import _checkpoint
-from ._base import Optimizer, check_bool, check_positive
+from ._base import Optimizer, check_positive
 
 
 class _FirstOrder(Optimizer):

@@ -36,10 +36,10 @@ import numpy as np
 
 import hvp
 from hvp import kfac as kronecker
-from hvp._checks import check_inputs
+from hvp._checks import check_bool, check_inputs, check_int
 
 from . import _checkpoint
-from ._base import Optimizer, check_bool, check_int, check_positive
+from ._base import Optimizer, check_positive
 from ._cg import pcg
 from ._damping import DAMPING_UP, RULES, judge, raise_damping, rejections_in_a_row, update_damping
 
@@ -250,8 +250,8 @@ class NewtonCG(Optimizer):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         self.curvature = curvature
-        precondition = {True: "diag", False: None}.get(precondition, precondition) \
-            if isinstance(precondition, (bool, np.bool_)) else precondition
+        if isinstance(precondition, (bool, np.bool_)):  # as before "diag" and "kfac" existed
+            precondition = "diag" if precondition else None
         if precondition not in PRECONDITIONERS:
             raise ValueError(f"precondition must be one of {PRECONDITIONERS} (or True/False), got {precondition!r}")
         if precondition == "kfac":
@@ -278,12 +278,11 @@ class NewtonCG(Optimizer):
                 "precondition": self.precondition, "curvature_batch": self.curvature_batch}
 
     def _state(self):
-        return {"damping": np.zeros(0) if self.damping is None else self.damping, "offset": self._offset,
+        return {"damping": _checkpoint.optional(self.damping), "offset": self._offset,
                 "warm": self._warm if self._warm is not None else np.zeros(0, self.theta.dtype)}
 
     def _set_state(self, arrays):
-        unset = "damping" in arrays and arrays["damping"].shape == (0,)  # not chosen yet: set at the next step
-        self.damping = None if unset else _checkpoint.scalar(arrays, "damping")
+        self.damping = _checkpoint.optional_scalar(arrays, "damping")  # None: set at the next step
         self._offset = _checkpoint.scalar(arrays, "offset", integer=True)
         warm = _checkpoint.vector(arrays, "warm", self.theta.size, self.theta.dtype, allow_empty=True)
         self._warm = warm if warm.size else None
@@ -339,17 +338,10 @@ class NewtonCG(Optimizer):
         X = check_inputs(X, self.net.in_features, self.theta.dtype)
         y = self.loss.check_target(y, pt.outputs)
         curvature, next_offset = self._curvature_operator(pt, X, y)
-        theta, net, loss, l2 = self.theta, self.net, self.loss, self.l2
+        theta = self.theta
 
         def objective(p):
-            trial = theta + p
-            with np.errstate(all="ignore"):
-                O, _ = net.forward_cached(net.unflatten(trial), X)
-                value = loss.forward(O, y)[0]
-                if l2:
-                    w = trial[pt.weight_mask]
-                    value += 0.5 * l2 * float(w @ w)
-            return value
+            return self._objective(theta + p, X, y, pt.weight_mask)
 
         if self.damping is None:  # the curvature along the gradient, gᵀBg / gᵀg: the scale of B where it matters
             g = pt.grad

@@ -28,10 +28,10 @@ import numpy as np
 
 import hvp
 from hvp import kfac as kronecker
-from hvp._checks import check_inputs
+from hvp._checks import check_bool, check_inputs, check_int
 
 from . import _checkpoint
-from ._base import Optimizer, check_bool, check_int, check_positive
+from ._base import Optimizer, check_positive
 from ._damping import judge, raise_damping, rejections_in_a_row, update_damping
 
 OMEGA_BASE = 19 / 20
@@ -140,8 +140,8 @@ class KFAC(Optimizer):
 
     def _state(self):
         state = {"k": self._k, "since_refresh": self._since_refresh, "previous": self._previous,
-                 "damping": np.zeros(0) if self.damping is None else self.damping,
-                 "proposal_damping": np.zeros(0) if self.proposal_damping is None else self.proposal_damping}
+                 "damping": _checkpoint.optional(self.damping),
+                 "proposal_damping": _checkpoint.optional(self.proposal_damping)}
         refreshed = [] if self._curvature is None else self._curvature.factors
         for name, factors in (("average", list((self._factors or {}).values())), ("refreshed", refreshed)):
             for j, (A, G) in enumerate(factors):
@@ -153,9 +153,8 @@ class KFAC(Optimizer):
         self._k = _checkpoint.scalar(arrays, "k", integer=True)
         self._since_refresh = _checkpoint.scalar(arrays, "since_refresh", integer=True)
         self._previous = _checkpoint.vector(arrays, "previous", P, dtype)
-        for name in ("damping", "proposal_damping"):  # an empty array: not chosen yet, set at the next step
-            unset = name in arrays and arrays[name].shape == (0,)
-            setattr(self, name, None if unset else _checkpoint.scalar(arrays, name))
+        self.damping = _checkpoint.optional_scalar(arrays, "damping")  # None: set at the next step
+        self.proposal_damping = _checkpoint.optional_scalar(arrays, "proposal_damping")
         for name in ("average", "refreshed"):
             if f"{name}_A0" not in arrays:
                 continue
@@ -231,8 +230,8 @@ class KFAC(Optimizer):
         update = V[:, pair] @ coefficients.astype(g.dtype)
         # 4. ρ from one forward pass at the trial point
         trial = self.theta + update
-        with np.errstate(all="ignore"):
-            f_new = self._loss_at(trial, X, y, pt)
+        X = check_inputs(X, self.net.in_features, self.theta.dtype)
+        f_new = self._objective(trial, X, self.loss.check_target(y, pt.outputs), pt.weight_mask)
         accepted, rho, rounding = judge(f0, q, f_new, g.dtype)
         new_damping, new_gamma = damping, gammas[i]
         if not accepted:
@@ -254,16 +253,6 @@ class KFAC(Optimizer):
                       trial_loss=float(f_new), products=V.shape[1], fevals=2, accepted=accepted, rounding=rounding,
                       inverse_refreshed=bool(refresh), seconds=time.perf_counter() - start)
         return record
-
-    def _loss_at(self, theta, X, y, pt):
-        """The objective at θ on the batch of ``pt``: one forward pass."""
-        X = check_inputs(X, self.net.in_features, theta.dtype)
-        O, _ = self.net.forward_cached(self.net.unflatten(theta), X)
-        value = self.loss.forward(O, self.loss.check_target(y, O))[0]
-        if self.l2:
-            w = theta[pt.weight_mask]
-            value += 0.5 * self.l2 * float(w @ w)
-        return value if np.isfinite(value) else np.inf
 
 
 def _model_matrix(pt, V, damping):

@@ -10,9 +10,9 @@ import time
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from hvp._checks import check_finite, describe, real_array
+from hvp._checks import check_bool, check_finite, check_int, describe, real_array
 
-from ._base import check_bool, check_int, check_positive
+from ._base import check_positive
 from .hessian_free import check_recipe, diagonal_preconditioner, hf_step
 
 
