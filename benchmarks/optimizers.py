@@ -92,7 +92,7 @@ def curves_problem():
     Xte = make_curves(2000, seed=1)
     net = autoencoder()
     return dict(net=net, loss=hvp.BCEWithLogitsLoss(), train=(X, X), test=(Xte, Xte), l2=0.0,
-                theta0=sparse_init(net, 0), batch=200, budget=300.0, full_batch=False, grid=32,
+                theta0=sparse_init(net, 0), batch=200, kfac_batch=500, budget=300.0, full_batch=False, grid=32,
                 adam=(3e-4, 1e-3, 3e-3), sgd=(0.1,),
                 describe=f"CURVES autoencoder, {net.num_params} parameters, 20,000 train images, BCE, float32")
 
@@ -189,7 +189,7 @@ def methods(p):
         table["scipy L-BFGS-B"] = lambda seed: Scipy("L-BFGS-B", theta0, fun=loss_and_grad, jac=True)
         table["KFAC"] = ours(lambda t: optimizers.KFAC(net, loss, t, l2=l2))
     else:
-        table["KFAC, batch 2000"] = ours(lambda t: optimizers.KFAC(net, loss, t, l2=l2), 2000)
+        table[f"KFAC, batch {p['kfac_batch']}"] = ours(lambda t: optimizers.KFAC(net, loss, t, l2=l2), p["kfac_batch"])
     table["NewtonCG (GGN)"] = ours(lambda t: optimizers.NewtonCG(net, loss, t, l2=l2))
     table["NewtonCG (GGN, diagonal preconditioner, λ0 = 1)"] = ours(
         lambda t: optimizers.NewtonCG(net, loss, t, l2=l2, precondition="diag", damping=1.0))

@@ -86,7 +86,7 @@ def main(argv=None):
                         help="fraction of the training set for curvature products (Martens: a mini-batch)")
     parser.add_argument("--damping", type=float, default=1.0, help="Newton-CG's initial damping λ")
     parser.add_argument("--batch", type=int, default=200, help="mini-batch size of Adam and SGD")
-    parser.add_argument("--kfac-batch", type=int, default=2000, help="mini-batch size of K-FAC")
+    parser.add_argument("--kfac-batch", type=int, default=500, help="mini-batch size of K-FAC")
     parser.add_argument("--adam-lr", type=float, default=1e-3)
     parser.add_argument("--sgd-lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)

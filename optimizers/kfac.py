@@ -8,7 +8,7 @@ Kronecker-factored approximate curvature", ICML; sections cited below):
    ``min(1 − 1/k, factor_decay)`` at step k (§5);
 2. proposals ``Δ_γ = −(K + γI)⁻¹ g`` from the averaged factors' eigendecompositions, refreshed every
    ``inverse_every`` steps (§8), the damping γ (+ l2, §6.6) split between the factors by π (§6.3),
-   for γ and, while adapting it, γ/2 and 2γ (§6.4);
+   for γ and, every ``gamma_every`` steps, γ/2 and 2γ (§6.6's T₂);
 3. for each, the update ``δ = αΔ_γ + μδ₀`` (δ₀ the previous update) with α and μ minimizing the
    quadratic model ``M(δ) = ½ δᵀ(G + λI)δ + gᵀδ`` with the exact Gauss-Newton matrix G of the batch:
    2×2 systems from one tangent pass of all the directions (§7). The update that lowers M most is
@@ -18,7 +18,9 @@ Kronecker-factored approximate curvature", ICML; sections cited below):
    ``damping_every`` steps (§6.5).
 
 Nothing is lost: a step whose new loss is NaN/Inf or higher than the old one (ρ <= 0) is rejected,
-θ and the momentum stay, and λ and γ rise as in :func:`optimizers._damping.raise_damping`.
+θ, the momentum and γ stay, and λ rises as in :func:`optimizers._damping.raise_damping`: a larger λ
+shortens the next step along its direction (α), while raising γ too would turn the direction
+towards the gradient for many steps after one bad mini-batch.
 """
 
 import math
@@ -36,8 +38,10 @@ from ._damping import judge, raise_damping, rejections_in_a_row, update_damping
 
 OMEGA_BASE = 19 / 20
 MAX_INVERSE_EVERY = 20
+EIGH_COST = 4.0
 DAMPING_RULES = ("nielsen", "martens-grosse")
-GAMMA_STEP = 2.0  # the proposal's damping γ is chosen among γ/2, γ and 2γ at every step
+GAMMA_STEP = 2.0  # the proposal's damping γ is chosen among γ/2, γ and 2γ every gamma_every steps
+GAMMA_EVERY = 20
 
 
 class KFAC(Optimizer):
@@ -60,6 +64,9 @@ class KFAC(Optimizer):
         Initial λ, and γ; None: the mean eigenvalue of the first step's K-FAC matrix, ``tr(K)/P``.
     adapt_damping : bool
         Adapt λ to the reduction ratio ρ, and γ by the model's choice among γ/2, γ, 2γ.
+    gamma_every : int
+        Steps between choices of γ (T₂ of §6.6). The steps between use one proposal, which halves
+        their tangent pass and their solves with the factors.
     damping_rule : {"nielsen", "martens-grosse"}
         ``"nielsen"``: every step, ``λ·max(1/3, 1 − (2ρ − 1)³)`` (Nielsen 1999; see
         :func:`optimizers._damping.update_damping`); ``"martens-grosse"``: every ``damping_every``
@@ -103,8 +110,8 @@ class KFAC(Optimizer):
                    ("accepted", "accepted {!s:5}"), ("seconds", "{:.3f} s"))
 
     def __init__(self, net, loss, theta0, *, kind="mc", num_samples=1, damping=None, adapt_damping=True,
-                 damping_rule="nielsen", damping_every=5, factor_decay=0.95, inverse_every=None, pi=True,
-                 momentum=True, seed=0, l2=0.0, progress=None):
+                 damping_rule="nielsen", damping_every=5, gamma_every=GAMMA_EVERY, factor_decay=0.95,
+                 inverse_every=None, pi=True, momentum=True, seed=0, l2=0.0, progress=None):
         super().__init__(net, loss, theta0, l2=l2, progress=progress)
         kronecker.kronecker_layers(net)
         self.num_samples = kronecker.check_kind(kind, num_samples)
@@ -114,6 +121,7 @@ class KFAC(Optimizer):
         self.proposal_damping = None  # γ of the proposal; None: λ at the first step
         self.adapt_damping = check_bool("adapt_damping", adapt_damping)
         self.damping_every = check_int("damping_every", damping_every, 1)
+        self.gamma_every = check_int("gamma_every", gamma_every, 1)
         if damping_rule not in DAMPING_RULES:
             raise ValueError(f"damping_rule must be one of {DAMPING_RULES}, got {damping_rule!r}")
         self.damping_rule = damping_rule
@@ -135,6 +143,7 @@ class KFAC(Optimizer):
         return {**super()._config(), "kind": self.kind, "num_samples": self.num_samples,
                 "damping": self.initial_damping, "adapt_damping": self.adapt_damping,
                 "damping_rule": self.damping_rule, "damping_every": self.damping_every,
+                "gamma_every": self.gamma_every,
                 "factor_decay": self.factor_decay, "inverse_every": self.inverse_every, "pi": self.pi,
                 "momentum": self.momentum, "seed": self.seed}
 
@@ -177,7 +186,7 @@ class KFAC(Optimizer):
         if self.inverse_every is not None:
             return self.inverse_every
         cubes = sum(len(A) ** 3 + len(G) ** 3 for A, G in self._factors.values())
-        return min(MAX_INVERSE_EVERY, max(1, math.ceil(cubes / (B * self.theta.size))))
+        return min(MAX_INVERSE_EVERY, max(1, math.ceil(EIGH_COST * cubes / (B * self.theta.size))))
 
     def _step(self, X, y, gtol):
         start = time.perf_counter()
@@ -195,8 +204,6 @@ class KFAC(Optimizer):
         if not (np.isfinite(f0) and np.isfinite(g).all()):
             if self.damping is not None:
                 self.damping = raise_damping(self.damping, rejections, g_norm)
-            if self.proposal_damping is not None:
-                self.proposal_damping = raise_damping(self.proposal_damping, rejections, g_norm)
             record["seconds"] = time.perf_counter() - start
             return record
         # 1. the factors' exponential averages (the new batch's factors enter with weight 1 − ε)
@@ -213,7 +220,8 @@ class KFAC(Optimizer):
         gamma = self.proposal_damping if self.proposal_damping is not None else damping
         # 2. proposals for γ and, adapting it, γ/ω and γ·ω (§6.4); 3. each one's scale and the momentum from
         # the exact quadratic model, all from one tangent pass; the proposal whose step lowers the model most wins
-        gammas = (gamma / GAMMA_STEP, gamma, gamma * GAMMA_STEP) if self.adapt_damping else (gamma,)
+        choose = self.adapt_damping and self._k % self.gamma_every == 0
+        gammas = (gamma / GAMMA_STEP, gamma, gamma * GAMMA_STEP) if choose else (gamma,)
         columns = [curvature.inverse(c, pi=self.pi).matvec(-g) for c in gammas]
         use_momentum = bool(self.momentum and self._previous.any())
         V = np.stack(columns + ([self._previous] if use_momentum else []), axis=1)
@@ -233,10 +241,9 @@ class KFAC(Optimizer):
         X = check_inputs(X, self.net.in_features, self.theta.dtype)
         f_new = self._objective(trial, X, self.loss.check_target(y, pt.outputs), pt.weight_mask)
         accepted, rho, rounding = judge(f0, q, f_new, g.dtype)
-        new_damping, new_gamma = damping, gammas[i]
+        new_damping, new_gamma = damping, (gammas[i] if accepted else gamma)
         if not accepted:
             new_damping = raise_damping(damping, rejections, g_norm)
-            new_gamma = raise_damping(gamma, rejections, g_norm)
         elif self.adapt_damping and not rounding and self.damping_rule == "nielsen":
             new_damping = update_damping(damping, rho, "nielsen")
         elif self.adapt_damping and not rounding and (self._k + 1) % self.damping_every == 0:
