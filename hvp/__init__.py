@@ -5,7 +5,6 @@ networks, from four derivative rules per layer (see :mod:`hvp.layers`).
 """
 
 from . import curvature
-from .activations import ELU, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Softsign, Tanh
 from .input_derivatives import (
     JacobianPenalty,
     SobolevLoss,
@@ -15,10 +14,27 @@ from .input_derivatives import (
     tangent_sum_grad_squared,
 )
 from .kfac import KFACOperator
-from .layers import Linear
+from .layers import (
+    ELU,
+    AvgPool1d,
+    AvgPool2d,
+    Conv1d,
+    Conv2d,
+    Flatten,
+    Identity,
+    LeakyReLU,
+    Linear,
+    MaxPool1d,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Softsign,
+    Tanh,
+)
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .memory import reuse_freed_memory
-from .network import Sequential
 from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from .products import Linearization, linearize, loss_and_grad
 from .scipy_objective import scipy_objective
@@ -27,7 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ELU", "Identity", "LeakyReLU", "ReLU", "Sigmoid", "Softplus", "Softsign", "Tanh",
-    "Linear", "Sequential", "CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss",
+    "Linear", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten", "Sequential",
+    "CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss",
     "Linearization", "linearize", "loss_and_grad",
     "input_jvp", "input_jacobian", "tangent_loss_and_grad", "tangent_sum_grad_squared",
     "SobolevLoss", "JacobianPenalty",

@@ -109,16 +109,24 @@ def check_theta(theta, num_params):
     return theta
 
 
-def check_inputs(X, in_features, dtype):
-    """X: shape (B, in_features) with B >= 1, finite; returned converted to ``dtype``."""
+def check_inputs(X, net, dtype):
+    """X: shape (B, *net.in_shape) with B >= 1, finite, fitting every layer; returned converted to ``dtype``."""
     X = real_array("X", X, dtype)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D of shape (batch, {in_features}), got {X.ndim}-D shape {X.shape}")
-    if X.shape[1] != in_features:
-        raise ValueError(f"X must have {in_features} features (columns), got shape {X.shape}")
+    shape = net.in_shape
+    if shape is not None:
+        names = iter("HW" if len(shape) == 3 else "L")
+        want = "(batch, " + ", ".join(next(names) if n is None else str(n) for n in shape) + ")"
+        if X.ndim != 1 + len(shape):
+            raise ValueError(f"X must be {1 + len(shape)}-D of shape {want}, got {X.ndim}-D shape {X.shape}")
+        if shape[0] is not None and X.shape[1] != shape[0]:
+            what = "features (columns)" if len(shape) == 1 else "channels (axis 1)"
+            raise ValueError(f"X must have {shape[0]} {what}, got shape {X.shape}")
+    elif X.ndim < 2:
+        raise ValueError(f"X must be at least 2-D, (batch, …), got {X.ndim}-D shape {X.shape}")
     if X.shape[0] == 0:
         raise ValueError(f"X is an empty batch: expected at least one row, got shape {X.shape}")
     check_finite("X", X)
+    net.output_shape(X.shape[1:])
     return X
 
 

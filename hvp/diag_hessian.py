@@ -16,8 +16,8 @@ through ``O_b = I_b W + b``, which is linear in W.
 import numpy as np
 
 from ._checks import describe
-from .activations import Elementwise, _is_zero
-from .layers import Linear
+from .layers.activations import Elementwise, _is_zero
+from .layers.dense import Linear
 
 
 def _unsupported(i, layer):

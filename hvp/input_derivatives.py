@@ -40,7 +40,7 @@ from ._checks import (
     describe,
     real_array,
 )
-from .layers import Linear
+from .layers.dense import Linear
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 # tangent_sum_grad_squared: with k directions, up to this k the (k+1)(k+2)/2 products of
@@ -99,10 +99,17 @@ def _loss_adjoints(loss, O, dO, target):
     return float(value), DO, np.ascontiguousarray(DOD.transpose(1, 0, 2))
 
 
+def _check_flat_inputs(net):
+    if net.in_features is None:
+        raise TypeError(f"input derivatives need a network on inputs (B, in_features), one that starts with "
+                        f"hvp.Linear (activations may come first); got {describe(net)}")
+
+
 def _prepare(net, theta, X, directions):
     check_net(net)
+    _check_flat_inputs(net)
     theta = check_theta(theta, net.num_params)
-    X = check_inputs(X, net.in_features, theta.dtype)
+    X = check_inputs(X, net, theta.dtype)
     dX, single = _input_tangents(directions, X.shape[0], net.in_features, theta.dtype)
     return theta, net.unflatten(theta), X, dX, single
 
@@ -189,6 +196,7 @@ def input_jacobian(net, theta, X):
     ndarray, shape (B, C, m), dtype of θ
     """
     check_net(net)
+    _check_flat_inputs(net)
     theta = check_theta(theta, net.num_params)
     _, dO = input_jvp(net, theta, X, np.eye(net.in_features, dtype=theta.dtype))
     return np.ascontiguousarray(dO.transpose(0, 2, 1))

@@ -17,8 +17,8 @@ or less per layer and never form a (B, m, n) array.
 import numpy as np
 
 from ._checks import check_int, check_seed, describe
-from .activations import Elementwise
-from .layers import Linear
+from .layers.activations import Elementwise
+from .layers.dense import Linear
 
 BATCH_GRAD_BLOCK_BYTES = 16 << 20  # batch_grad fills its (B, P) result in blocks of rows of about this size
 

@@ -29,7 +29,7 @@ def _prepare(net, loss, theta, X, y, l2):
     check_net(net)
     check_loss(loss)
     theta = check_theta(theta, net.num_params)
-    X = check_inputs(X, net.in_features, theta.dtype)
+    X = check_inputs(X, net, theta.dtype)
     return theta, X, check_l2(l2)
 
 

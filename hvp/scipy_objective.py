@@ -54,8 +54,8 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
     check_loss(loss)
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-    X = check_inputs(X, net.in_features, np.float64).copy()  # private copies: later edits by the caller don't leak in
-    y = np.array(loss.check_target(y, np.zeros((X.shape[0], net.out_features))), copy=True)
+    X = check_inputs(X, net, np.float64).copy()  # private copies: later edits by the caller don't leak in
+    y = np.array(loss.check_target(y, np.zeros((X.shape[0],) + net.output_shape(X.shape[1:]))), copy=True)
     l2 = check_l2(l2)
     recent = []  # the latest linearizations, newest last
 

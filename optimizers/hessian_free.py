@@ -335,7 +335,7 @@ class NewtonCG(Optimizer):
         pt = hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
         if gtol is not None and np.linalg.norm(pt.grad) <= gtol:
             return None
-        X = check_inputs(X, self.net.in_features, self.theta.dtype)
+        X = check_inputs(X, self.net, self.theta.dtype)
         y = self.loss.check_target(y, pt.outputs)
         curvature, next_offset = self._curvature_operator(pt, X, y)
         theta = self.theta

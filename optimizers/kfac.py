@@ -238,7 +238,7 @@ class KFAC(Optimizer):
         update = V[:, pair] @ coefficients.astype(g.dtype)
         # 4. ρ from one forward pass at the trial point
         trial = self.theta + update
-        X = check_inputs(X, self.net.in_features, self.theta.dtype)
+        X = check_inputs(X, self.net, self.theta.dtype)
         f_new = self._objective(trial, X, self.loss.check_target(y, pt.outputs), pt.weight_mask)
         accepted, rho, rounding = judge(f0, q, f_new, g.dtype)
         new_damping, new_gamma = damping, (gammas[i] if accepted else gamma)

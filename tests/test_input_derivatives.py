@@ -456,7 +456,7 @@ def test_summed_cross_terms_are_sums_of_per_direction_terms(layer, shared_DOD):
     rng = np.random.default_rng(3)
     k, B = 3, 5
     m = layer.in_features if isinstance(layer, hvp.Linear) else 4
-    n = layer.out_width(m)
+    n = layer.out_shape((m,))[0]
     net_params = {name: rng.standard_normal(s) for name, s in layer.param_shapes()}
     dp = {name: rng.standard_normal((k,) + s) for name, s in layer.param_shapes()} or None
     _, cache = layer.forward(net_params, rng.standard_normal((B, m)))
@@ -478,7 +478,7 @@ def test_tangent_shared_by_all_examples_is_broadcast(layer, shared_DOD, summed):
     rng = np.random.default_rng(4)
     k, B = 3, 5
     m = layer.in_features if isinstance(layer, hvp.Linear) else 4
-    n = layer.out_width(m)
+    n = layer.out_shape((m,))[0]
     p = {name: rng.standard_normal(s) for name, s in layer.param_shapes()}
     _, cache = layer.forward(p, rng.standard_normal((B, m)))
     dI = rng.standard_normal((k, 1, m))

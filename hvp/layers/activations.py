@@ -2,7 +2,7 @@
 
 A subclass writes three one-line methods; ``y = σ(x)`` is passed to the
 derivatives so that they may reuse it. The four rules of the layer contract
-(see :mod:`hvp.layers`) are derived from them once, in :class:`Elementwise`
+(see :mod:`hvp.layers`), on inputs of any shape are derived from them once, in :class:`Elementwise`
 (seed 002 §1.1 and §2.1):
 
 - tangent: ``Ȯ = σ′(I) ⊙ İ``
@@ -18,7 +18,7 @@ skipped.
 import numpy as np
 from scipy.special import expit
 
-from ._checks import check_real
+from .._checks import check_real
 
 
 def _is_zero(a):
@@ -43,8 +43,8 @@ class Elementwise:
     def param_shapes(self):
         return []
 
-    def out_width(self, in_width):
-        return in_width
+    def out_shape(self, in_shape):
+        return in_shape
 
     def forward(self, p, I):
         """Rule 1: ``O = σ(I)``; I (B, n) -> O (B, n)."""

@@ -2,22 +2,33 @@
 
 import numpy as np
 
-from ._checks import check_inputs, check_instance, check_seed, check_theta, describe
-from .layers import Linear
+from .._checks import check_inputs, check_instance, check_seed, check_theta, describe
 
 
 class Sequential:
     """Layers applied in order, ``O = f_L(… f_1(X))``, with parameters in one flat θ.
 
-    θ holds each layer's parameters in order, weight (in_features, out_features)
-    before bias (out_features,), each in C order. The network needs at least one
-    :class:`~hvp.Linear` layer; it fixes the input width ``in_features``.
+    θ holds each layer's parameters in order (``param_shapes()``: a Linear layer's weight
+    (in_features, out_features) before its bias (out_features,); a convolution's weight and bias
+    in PyTorch's shapes), each in C order. No input shape is needed: the shapes are checked
+    through the network when inputs arrive, with an error naming the layer that does not fit.
 
     Parameters
     ----------
     *layers
-        :class:`~hvp.Linear` layers and elementwise activations, as instances:
-        ``hvp.Sequential(hvp.Linear(4, 5), hvp.Tanh(), hvp.Linear(5, 3))``.
+        Layers as instances: ``hvp.Sequential(hvp.Linear(4, 5), hvp.Tanh(), hvp.Linear(5, 3))`` or
+        ``hvp.Sequential(hvp.Conv2d(1, 4, 3), hvp.ReLU(), hvp.MaxPool2d(2), hvp.Flatten(), hvp.Linear(36, 10))``.
+        The outputs must be (B, C) for the losses.
+
+    Attributes
+    ----------
+    num_params : int
+    in_shape : tuple or None
+        What the first layer that cares needs per example, None for a free size (a convolution's
+        height and width); None if any shape goes.
+    in_features, out_features : int or None
+        The widths of inputs (B, in_features) and outputs (B, out_features) where the layers fix
+        them (networks of Linear layers and activations), else None.
     """
 
     def __init__(self, *layers):
@@ -26,36 +37,56 @@ class Sequential:
         expected = "a layer such as hvp.Linear(in_features, out_features) or hvp.Tanh()"
         for i, layer in enumerate(layers):
             check_instance(f"layers[{i}]", layer, expected)
-            if not all(hasattr(layer, name) for name in ("forward", "backward_input", "param_shapes")):
+            if not all(hasattr(layer, name) for name in ("forward", "backward_input", "param_shapes", "out_shape")):
                 hint = " (pass them one by one: hvp.Sequential(*layers))" if isinstance(layer, (list, tuple)) else ""
                 raise TypeError(f"layers[{i}] must be {expected}, got {describe(layer)}{hint}")
-        linears = [layer for layer in layers if isinstance(layer, Linear)]
-        if not linears:
-            raise ValueError("Sequential needs at least one hvp.Linear layer to fix the input width")
+        if not any(layer.param_shapes() for layer in layers):
+            raise ValueError("Sequential needs at least one layer with parameters, such as hvp.Linear or hvp.Conv2d")
         self.layers = list(layers)
-        self.in_features = linears[0].in_features
-        width = self.in_features
+        self.in_shape = next((layer.in_shape for layer in layers if getattr(layer, "in_shape", None) is not None),
+                             None)
         self._slices = []  # per layer: list of (name, start, stop, shape)
         start = 0
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, Linear) and layer.in_features != width:
-                raise ValueError(f"layer {i} ({layer!r}) expects {layer.in_features} inputs, "
-                                 f"but the layer before it gives {width}")
-            width = layer.out_width(width)
+        for layer in self.layers:
             entries = []
             for name, shape in layer.param_shapes():
                 size = int(np.prod(shape))
                 entries.append((name, start, start + size, shape))
                 start += size
             self._slices.append(entries)
-        self.out_features = width
         self.num_params = start
+        self._out_shapes = {}
+        fixed = self.in_shape is not None and None not in self.in_shape
+        self.in_features = self.in_shape[0] if fixed and len(self.in_shape) == 1 else None
+        self.out_features = self.output_shape(self.in_shape, "the network's inputs")[0] if fixed else None
+
+    def output_shape(self, in_shape, source="X"):
+        """The per-example output shape for per-example inputs of shape ``in_shape``.
+
+        A ValueError names the first layer the shapes do not fit, and what it needs.
+        """
+        in_shape = tuple(int(n) for n in in_shape)
+        if in_shape not in self._out_shapes:
+            shape = in_shape
+            for i, layer in enumerate(self.layers):
+                try:
+                    shape = tuple(layer.out_shape(shape))
+                except ValueError as error:
+                    raise ValueError(f"layer {i} does not fit {source} of per-example shape {in_shape}: "
+                                     f"{error}") from None
+            if len(shape) != 1:
+                raise ValueError(f"the network's outputs must have shape (batch, C) for the losses, but {source} "
+                                 f"of per-example shape {in_shape} gives {shape}: end with hvp.Flatten() or a "
+                                 "Linear layer")
+            self._out_shapes[in_shape] = shape
+        return self._out_shapes[in_shape]
 
     def __repr__(self):
         return "Sequential(" + ", ".join(repr(layer) for layer in self.layers) + ")"
 
     def init(self, seed=0, dtype=np.float64):
-        """A fresh θ, as PyTorch initializes Linear layers: entries ~ U(−1/√m, 1/√m).
+        """A fresh θ, as PyTorch initializes Linear and convolution layers: entries ~ U(−1/√m, 1/√m),
+        m = ``fan_in``, the inputs each output sums over (in_features; in_channels/groups·kH·kW).
 
         Parameters
         ----------
@@ -78,7 +109,7 @@ class Sequential:
         theta = np.empty(self.num_params, dtype=dtype)
         for layer, entries in zip(self.layers, self._slices):
             for _, start, stop, _ in entries:
-                bound = 1 / np.sqrt(layer.in_features)
+                bound = 1 / np.sqrt(layer.fan_in)
                 theta[start:stop] = rng.uniform(-bound, bound, size=stop - start)
         return theta
 
@@ -121,14 +152,14 @@ class Sequential:
         Parameters
         ----------
         theta : ndarray, shape (num_params,), float32 or float64
-        X : array_like, shape (B, in_features); converted to θ's dtype
+        X : array_like, shape (B, *in_shape); converted to θ's dtype
 
         Returns
         -------
-        O : ndarray, shape (B, out_features)
+        O : ndarray, shape (B, C)
         """
         theta = check_theta(theta, self.num_params)
-        O, _ = self.forward_cached(self.unflatten(theta), check_inputs(X, self.in_features, theta.dtype))
+        O, _ = self.forward_cached(self.unflatten(theta), check_inputs(X, self, theta.dtype))
         return O
 
     def forward_cached(self, params, X):

@@ -1,0 +1,61 @@
+"""Layers, and the contract of four derivative rules every layer keeps (DESIGN.md §1, seed 002).
+
+One module per family: :mod:`~hvp.layers.dense` (Linear), :mod:`~hvp.layers.conv` (Conv1d,
+Conv2d), :mod:`~hvp.layers.pooling` (max and average pooling, Flatten),
+:mod:`~hvp.layers.activations` (elementwise), :mod:`~hvp.layers.composition` (Sequential).
+
+Arrays are batch first; a block of k directions adds a leading axis k, so that each
+direction is one ordinary batch and k directions cost k matrix products of full size (or
+one, where the k axis folds into the batch). A layer maps per-example inputs of one shape to
+outputs of another, ``out_shape(in_shape)`` (a ValueError saying what it needs when the
+input does not fit). Written below for a Linear layer, inputs (B, m) and outputs (B, n); other
+layers replace ``m`` and ``n`` by their per-example shapes:
+
+====================  ===========================================  ==========================================
+rule                  method                                       shapes
+====================  ===========================================  ==========================================
+1 forward             ``forward(p, I) -> (O, cache)``              I (B, m) -> O (B, n)
+2 backward            ``backward_input(p, cache, DO) -> DI``       DO (..., B, n) -> DI (..., B, m)
+                      ``backward_params(p, cache, DO[, out])``     DO (B, n) -> dict like ``p``;
+                                                                   DO (k, B, n) -> (k, *shape) per direction
+3 tangent             ``tangent(p, cache, dI, dp) -> dO``          dI (k, B, m), dp {name: (k, *shape)} -> (k, B, n)
+4 tangent backward    ``tangent_backward(p, cache, dI, dp, DOD,    DOD (B, n) or (k, B, n) -> DI_k (k, B, m)
+                      need_input, summed=False)                    and {name: (k, *shape)};
+                      -> (DI_k, grads_k)``                         ``summed``: DI (B, m), {name: shape}
+====================  ===========================================  ==========================================
+
+Layers with parameters may also give K-FAC's Kronecker factors (:mod:`hvp.kfac`):
+``kronecker_factors(cache, D) -> (A, G)`` for output-side columns D (K, B, n), and their
+parameters as one matrix, ``kronecker_matrix(p) -> W̄`` (..., rows, cols) with
+``from_kronecker_matrix(W̄, out)`` writing it back, so that the block is ``W̄ -> A W̄ G``.
+
+``p`` is the layer's dict of parameter views (``net.unflatten``), ``cache``
+what ``forward`` returned, ``param_shapes()`` the names and shapes of the parameters in θ's
+order, and ``fan_in`` (layers with parameters) the inputs each output sums over, which sets
+the initialization. ``None`` stands for a tangent, a direction or a term
+that is zero, so that no work is spent on it.
+
+Rule 4 is written per direction: for scalars ``T_k`` that depend on ``O`` and
+``Ȯ_k`` with ``∂T_k/∂Ȯ_k = DOD`` and ``∂T_k/∂O = DO_k``, the adjoints at the
+input and the parameters are ``backward(DO_k)`` plus the cross terms that
+``tangent_backward`` returns, and the adjoint of the input tangent is
+``backward_input(DOD)``. The Gauss-Newton product is the same pass without the
+cross terms. With ``summed=True`` the cross terms come summed over the k
+directions, for one scalar ``L(O, Ȯ_1..Ȯ_k)`` (a loss on input tangents, seed
+002 §2): ``DI = Σ_k (cross term)_k`` and one gradient per parameter.
+
+A tangent may have a batch axis of 1, dI (k, 1, m): the same tangent for every
+example (directions given at the input, with dp None). ``tangent`` and
+``tangent_backward`` broadcast it; a Linear layer keeps it shared, so that
+``İ W`` and ``Σ_k İ_kᵀ DOD_k`` cost k·m·n, not k·B·m·n.
+"""
+
+from .activations import ELU, Elementwise, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Softsign, Tanh
+from .composition import Sequential
+from .conv import Conv1d, Conv2d
+from .dense import Linear
+from .pooling import AvgPool1d, AvgPool2d, Flatten, MaxPool1d, MaxPool2d
+
+__all__ = ["Linear", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten",
+           "Elementwise", "ELU", "Identity", "LeakyReLU", "ReLU", "Sigmoid", "Softplus", "Softsign", "Tanh",
+           "Sequential"]

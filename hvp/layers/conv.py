@@ -1,0 +1,292 @@
+"""Convolutions: Linear layers applied to unfolded input patches (DESIGN.md §7).
+
+Unfolding the padded input of shape (N, C, H, W) gives one row of patch values per output
+position, ``U`` (N·L, G, J), L = H_out·W_out positions, G groups, J = (C/G)·kH·kW values per
+patch in the order of the weight's axes. Then, per group g,
+
+    O[n, g, :, l] = W_g U[n·L + l, g]ᵀ + b_g,        W_g = weight[g·O/G:(g+1)·O/G] as (O/G, J),
+
+and the four rules are those of :class:`~hvp.layers.dense.Linear` with fold, the adjoint of
+unfold, wherever an input-side quantity comes back:
+
+1. forward ``O = U W_gᵀ + b``; 2. backward ``DI = fold(DO W_g)``, ``DW_g = DOᵀ U``, ``Db = Σ DO``;
+3. tangent ``Ȯ = unfold(İ) W_gᵀ + U Ẇ_gᵀ + ḃ``;
+4. cross terms ``DI_k = fold(DOD Ẇ_k,g)``, ``DW_k = DODᵀ unfold(İ_k)``.
+
+Conv1d is Conv2d on inputs of height 1, with the weight viewed as (O, C/G, 1, k).
+"""
+
+import numpy as np
+
+from .._checks import check_bool, describe
+
+
+def _positive_ints(owner, name, value, n, minimum=1):
+    values = value if isinstance(value, (tuple, list)) else (value,) * n
+    ok = len(values) == n and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= minimum for v in values)
+    if not ok:
+        what = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise (ValueError if isinstance(value, (int, tuple, list)) else TypeError)(
+            f"{owner}: {name} must be {what} or a tuple of {n}, got {describe(value)}")
+    return tuple(int(v) for v in values)
+
+
+def window_geometry(owner, in_size, kernel, stride, padding, dilation):
+    """Output sizes of a sliding window over spatial sizes ``in_size``; a ValueError if the window does not fit."""
+    out = []
+    for axis, (n, k, s, p, d) in enumerate(zip(in_size, kernel, stride, padding, dilation)):
+        span = d * (k - 1) + 1
+        if n + 2 * p < span:
+            raise ValueError(f"{owner}: the kernel spans {span} along spatial axis {axis}, more than the padded "
+                             f"input's {n + 2 * p} (input {n} + 2·padding {p})")
+        out.append((n + 2 * p - span) // s + 1)
+    return tuple(out)
+
+
+def unfold(I, kernel, stride, padding, dilation, fill=0.0):
+    """Patches of I (N, C, H, W): (N, C, H_out, W_out, kH, kW), a strided view of the padded input."""
+    (pH, pW), (dH, dW), (sH, sW) = padding, dilation, stride
+    if pH or pW:
+        padded = np.full(I.shape[:2] + (I.shape[2] + 2 * pH, I.shape[3] + 2 * pW), fill, dtype=I.dtype)
+        padded[:, :, pH:pH + I.shape[2], pW:pW + I.shape[3]] = I
+        I = padded
+    spans = (dH * (kernel[0] - 1) + 1, dW * (kernel[1] - 1) + 1)
+    windows = np.lib.stride_tricks.sliding_window_view(I, spans, axis=(2, 3))
+    return windows[:, :, ::sH, ::sW, ::dH, ::dW]
+
+
+def fold(D, in_size, kernel, stride, padding, dilation):
+    """Adjoint of :func:`unfold`: D (N, C, H_out, W_out, kH, kW) summed back onto (N, C, H, W)."""
+    (pH, pW), (dH, dW), (sH, sW) = padding, dilation, stride
+    N, C, Ho, Wo = D.shape[:4]
+    out = np.zeros((N, C, in_size[0] + 2 * pH, in_size[1] + 2 * pW), dtype=D.dtype)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            out[:, :, i * dH:i * dH + sH * (Ho - 1) + 1:sH, j * dW:j * dW + sW * (Wo - 1) + 1:sW] += D[..., i, j]
+    return out[:, :, pH:pH + in_size[0], pW:pW + in_size[1]]
+
+
+class _Conv:
+    """Shared body of Conv1d and Conv2d; subclasses set ``spatial`` (1 or 2)."""
+
+    spatial = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True):
+        name = type(self).__name__
+        n = self.spatial
+        self.in_channels, self.out_channels, self.groups = (
+            _positive_ints(name, arg, value, 1)[0]
+            for arg, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)))
+        self.kernel_size = _positive_ints(name, "kernel_size", kernel_size, n)
+        self.stride = _positive_ints(name, "stride", stride, n)
+        if isinstance(padding, str):
+            raise ValueError(f"{name}: padding must be a non-negative integer or a tuple of {n}, got {padding!r} "
+                             "(string paddings are not supported)")
+        self.padding = _positive_ints(name, "padding", padding, n, minimum=0)
+        self.dilation = _positive_ints(name, "dilation", dilation, n)
+        self.bias = check_bool("bias", bias)
+        for arg, value in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
+            if value % self.groups:
+                raise ValueError(f"{name}: groups={self.groups} must divide {arg}={value}")
+        # the geometry in two spatial dimensions (a 1-D convolution runs on inputs of height 1)
+        pad = (0,) * (2 - n)
+        self._kernel = (1,) * (2 - n) + self.kernel_size
+        self._stride = (1,) * (2 - n) + self.stride
+        self._padding = pad + self.padding
+        self._dilation = (1,) * (2 - n) + self.dilation
+
+    def __repr__(self):
+        args = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"]
+        defaults = (("stride", (1,) * self.spatial), ("padding", (0,) * self.spatial),
+                    ("dilation", (1,) * self.spatial))
+        args += [f"{key}={getattr(self, key)}" for key, default in defaults if getattr(self, key) != default]
+        args += [f"groups={self.groups}"] if self.groups != 1 else []
+        args += [] if self.bias else ["bias=False"]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    @property
+    def in_shape(self):
+        return (self.in_channels,) + (None,) * self.spatial
+
+    @property
+    def fan_in(self):
+        return self.in_channels // self.groups * int(np.prod(self.kernel_size))
+
+    def param_shapes(self):
+        """weight (out_channels, in_channels // groups, *kernel_size), then bias (out_channels,)."""
+        shapes = [("weight", (self.out_channels, self.in_channels // self.groups) + self.kernel_size)]
+        if self.bias:
+            shapes.append(("bias", (self.out_channels,)))
+        return shapes
+
+    def out_shape(self, in_shape):
+        name = repr(self)
+        if len(in_shape) != 1 + self.spatial:
+            raise ValueError(f"{name} needs inputs of shape (batch, {self.in_channels}, "
+                             f"{', '.join('HW'[2 - self.spatial:])}), got per-example shape {in_shape}")
+        if in_shape[0] != self.in_channels:
+            raise ValueError(f"{name} needs {self.in_channels} input channels, got per-example shape {in_shape}")
+        sizes = window_geometry(name, in_shape[1:], self.kernel_size, self.stride, self.padding, self.dilation)
+        return (self.out_channels,) + sizes
+
+    # -- reshaping between the layer's layout and patch rows ------------------------------------
+
+    def _as2d(self, X):
+        """(N, C, [H,] W) -> (N, C, H, W): a view."""
+        return X if self.spatial == 2 else X[:, :, None, :]
+
+    def _weight(self, W):
+        """weight (..., O, C/G, *kernel) -> (..., G, O/G, J)."""
+        G = self.groups
+        return W.reshape(W.shape[:-2 - self.spatial] + (G, self.out_channels // G, -1))
+
+    def _patches(self, I):
+        """Patch rows of I (N, C, [H,] W): (N·L, G, J), and the output's spatial sizes."""
+        windows = unfold(self._as2d(I), self._kernel, self._stride, self._padding, self._dilation)
+        N, C, Ho, Wo = windows.shape[:4]
+        rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(N * Ho * Wo, self.groups, -1)
+        return rows, (Ho, Wo)
+
+    def _fold_rows(self, R, N, sizes, in_shape):
+        """Adjoint of :meth:`_patches`: R (N·L, G, J) -> (N, C, [H,] W)."""
+        Ho, Wo = sizes
+        D = R.reshape((N, Ho, Wo, self.in_channels) + self._kernel).transpose(0, 3, 1, 2, 4, 5)
+        in_size = (1,) * (2 - self.spatial) + tuple(in_shape[2:])
+        out = fold(D, in_size, self._kernel, self._stride, self._padding, self._dilation)
+        return out.reshape((N,) + tuple(in_shape[1:]))
+
+    def _to_rows(self, O):
+        """Outputs (..., N, O_ch, [Ho,] Wo) -> rows (..., N·L, G, O/G)."""
+        lead, N = O.shape[:-2 - self.spatial], O.shape[-2 - self.spatial]
+        moved = np.moveaxis(O, -1 - self.spatial, -1)
+        return moved.reshape(lead + (N * int(np.prod(O.shape[-self.spatial:])), self.groups, -1))
+
+    def _from_rows(self, R, N, sizes):
+        """Rows (..., N·L, G, O/G) -> outputs (..., N, O_ch, [Ho,] Wo)."""
+        spatial = sizes[2 - self.spatial:]
+        out = R.reshape(R.shape[:-3] + (N,) + spatial + (self.out_channels,))
+        return np.moveaxis(out, -1, -1 - self.spatial)
+
+    # -- the four rules --------------------------------------------------------------------------
+
+    def _linear(self, W, I):
+        """``conv(I, W)`` without bias for I (N, C, …): the output (N, O, …), the patch rows and output sizes."""
+        U, sizes = self._patches(I)
+        R = np.matmul(U.transpose(1, 0, 2), self._weight(W).transpose(0, 2, 1))  # (G, N·L, O/G)
+        return np.ascontiguousarray(self._from_rows(R.transpose(1, 0, 2), I.shape[0], sizes)), U, sizes
+
+    def forward(self, p, I):
+        """Rule 1: ``O = conv(I, W) + b``; I (B, C, [H,] W) -> O (B, O, [Ho,] Wo)."""
+        O, U, sizes = self._linear(p["weight"], I)
+        if self.bias:
+            O += p["bias"].reshape((-1,) + (1,) * self.spatial)
+        return O, {"U": U, "shape": I.shape, "sizes": sizes}
+
+    def backward_input(self, p, cache, DO):
+        """Rule 2: ``DI = fold(DO W_g)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W)."""
+        lead = DO.shape[:-2 - self.spatial]
+        DO = DO.reshape((-1,) + DO.shape[-1 - self.spatial:])
+        R = self._to_rows(DO)  # (N·L, G, O/G)
+        D = np.matmul(R.transpose(1, 0, 2), self._weight(p["weight"]))  # (G, N·L, J)
+        DI = self._fold_rows(D.transpose(1, 0, 2), DO.shape[0], cache["sizes"], cache["shape"])
+        return DI.reshape(lead + tuple(cache["shape"]))
+
+    def _param_grads(self, R, U, out, bias_from):
+        """``DW = Rᵀ U`` per group and direction into ``out``; R (..., N·L, G, O/G), U (..., N·L, G, J)."""
+        W = np.matmul(np.moveaxis(R, -3, -1), np.moveaxis(U, -3, -2))  # (..., G, O/G, J)
+        shape = W.shape[:-3] + (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        if out.get("weight") is None:
+            out["weight"] = W.reshape(shape)
+        else:
+            out["weight"][...] = W.reshape(shape)
+        if self.bias and bias_from is not None:
+            axes = (-2 - self.spatial,) + tuple(range(-self.spatial, 0))
+            out["bias"] = np.sum(bias_from, axis=axes, out=out.get("bias"))
+        return out
+
+    def backward_params(self, p, cache, DO, out=None):
+        """Rule 2: ``DW_g = DOᵀ U``, ``Db = Σ DO``; DO (B, O, …) -> weight (O, C/G, *kernel), or per direction
+        for DO (k, B, O, …) -> (k, O, C/G, *kernel)."""
+        return self._param_grads(self._to_rows(DO), cache["U"], {} if out is None else out, DO)
+
+    def tangent(self, p, cache, dI, dp):
+        """Rule 3: ``Ȯ_k = conv(İ_k, W) + conv(I, Ẇ_k) + ḃ_k``; dI (k, B or 1, C, …) -> dO (k, B, O, …)."""
+        dO = None
+        if dI is not None:
+            dO = self._linear(p["weight"], dI.reshape((-1,) + dI.shape[2:]))[0]
+            dO = dO.reshape(dI.shape[:2] + dO.shape[1:])
+        if dp is not None:
+            U = cache["U"].transpose(1, 0, 2)[None]  # (1, G, N·L, J)
+            R = np.matmul(U, self._weight(dp["weight"]).transpose(0, 1, 3, 2))  # (k, G, N·L, O/G)
+            from_params = self._from_rows(R.transpose(0, 2, 1, 3), cache["shape"][0], cache["sizes"])
+            if self.bias:
+                from_params += dp["bias"].reshape(dp["bias"].shape + (1,) * self.spatial)[:, None]
+            dO = from_params if dO is None else dO + from_params
+        return dO
+
+    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
+        """Rule 4 cross terms: ``DI_k = fold(DOD Ẇ_k)``, ``DW_k = DODᵀ unfold(İ_k)``; DOD (B, O, …) or (k, B, O, …).
+
+        Returns DI_k (k, B, C, …) and ``{"weight": (k, O, C/G, *kernel)}``; with ``summed`` their sums over k.
+        """
+        DI = grads = None
+        B = cache["shape"][0]
+        if dp is not None and need_input:
+            R = self._to_rows(DOD)  # (N·L, G, O/G) or (k, N·L, G, O/G)
+            Rg = np.moveaxis(R, -2, -3) if R.ndim == 4 else R.transpose(1, 0, 2)[None]  # (1|k, G, N·L, O/G)
+            D = np.matmul(Rg, self._weight(dp["weight"]))  # (k, G, N·L, J)
+            D = np.moveaxis(D, 1, 2)  # (k, N·L, G, J)
+            if summed:
+                DI = self._fold_rows(D.sum(axis=0), B, cache["sizes"], cache["shape"])
+            else:
+                k = D.shape[0]
+                DI = self._fold_rows(D.reshape((k * D.shape[1],) + D.shape[2:]), k * B, cache["sizes"],
+                                     cache["shape"]).reshape((k,) + tuple(cache["shape"]))
+        if dI is not None:
+            k, Bt = dI.shape[:2]
+            if Bt == 1 and B != 1:  # a tangent shared by all examples: DOD summed over the batch first
+                DOD = DOD.sum(axis=DOD.ndim - 2 - self.spatial, keepdims=True)
+            U, _ = self._patches(dI.reshape((-1,) + dI.shape[2:]))
+            U = U.reshape((k, -1) + U.shape[1:])  # (k, Bt·L, G, J)
+            R = self._to_rows(DOD)
+            if summed:
+                if R.ndim == 3:  # one DOD for every direction: Σ_k DODᵀ U_k = DODᵀ Σ_k U_k
+                    grads = self._param_grads(R, U.sum(axis=0), {}, None)
+                else:
+                    grads = self._param_grads(R.reshape((-1,) + R.shape[2:]), U.reshape((-1,) + U.shape[2:]),
+                                              {}, None)
+            else:
+                grads = self._param_grads(R, U, {}, None)
+            grads = {"weight": grads["weight"]}
+        return DI, grads
+
+
+class Conv2d(_Conv):
+    """2-D convolution as ``torch.nn.Conv2d``: inputs (B, C_in, H, W), outputs (B, C_out, H_out, W_out).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, padding, dilation : int or tuple of 2 ints
+        ``H_out = ⌊(H + 2·padding − dilation·(kernel_size − 1) − 1) / stride⌋ + 1``, and alike for W;
+        padding with zeros.
+    groups : int
+        Channels split into this many groups, each convolved with its own filters; it divides both
+        channel counts.
+    bias : bool
+
+    θ holds weight (out_channels, in_channels // groups, kH, kW), then bias (out_channels,), as torch.
+    """
+
+    spatial = 2
+
+
+class Conv1d(_Conv):
+    """1-D convolution as ``torch.nn.Conv1d``: inputs (B, C_in, L), outputs (B, C_out, L_out).
+
+    Parameters as :class:`Conv2d`, with ints or 1-tuples; weight (out_channels, in_channels // groups, k).
+    """
+
+    spatial = 1

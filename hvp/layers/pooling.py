@@ -1,0 +1,196 @@
+"""Pooling and flattening: fixed maps without parameters.
+
+Average pooling and flatten are linear, so their tangent rule is the map itself and rule 4 has no
+cross terms. Max pooling is piecewise linear: within the piece where the forward pass found its
+maxima it copies the input entry at each window's maximum, so its tangent copies the input
+tangent from the same place and its backward rule adds each adjoint back there. Ties go to the
+first maximum in the window, rows before columns (as PyTorch's CPU kernels); at a tie the map is
+not differentiable and the rules give the derivative of that one piece.
+"""
+
+import numpy as np
+
+from .conv import _positive_ints, fold, unfold, window_geometry
+
+
+class _Pool:
+    """Shared body of the pooling layers; subclasses set ``spatial`` and ``reduce``."""
+
+    spatial = 2
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        name, n = type(self).__name__, self.spatial
+        self.kernel_size = _positive_ints(name, "kernel_size", kernel_size, n)
+        self.stride = self.kernel_size if stride is None else _positive_ints(name, "stride", stride, n)
+        self.padding = _positive_ints(name, "padding", padding, n, minimum=0)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"{name}: padding must be at most half the kernel size, got padding={self.padding} "
+                             f"and kernel_size={self.kernel_size}")
+        self._kernel = (1,) * (2 - n) + self.kernel_size
+        self._stride = (1,) * (2 - n) + self.stride
+        self._padding = (0,) * (2 - n) + self.padding
+
+    def __repr__(self):
+        args = [f"kernel_size={self.kernel_size}"]
+        args += [] if self.stride == self.kernel_size else [f"stride={self.stride}"]
+        args += [] if not any(self.padding) else [f"padding={self.padding}"]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    @property
+    def in_shape(self):
+        return (None,) * (1 + self.spatial)
+
+    def param_shapes(self):
+        return []
+
+    def out_shape(self, in_shape):
+        name = repr(self)
+        if len(in_shape) != 1 + self.spatial:
+            raise ValueError(f"{name} needs inputs of shape (batch, channels, "
+                             f"{', '.join('HW'[2 - self.spatial:])}), got per-example shape {in_shape}")
+        return in_shape[:1] + window_geometry(name, in_shape[1:], self.kernel_size, self.stride, self.padding,
+                                              (1,) * self.spatial)
+
+    def _windows(self, X, fill=0.0):
+        """Windows of X (N, C, [H,] W): (N, C, Ho, Wo, kH·kW), a copy."""
+        X2 = X if self.spatial == 2 else X[:, :, None, :]
+        w = unfold(X2, self._kernel, self._stride, self._padding, (1, 1), fill)
+        return w.reshape(w.shape[:4] + (-1,))
+
+    def _out(self, O2):
+        """(N, C, Ho, Wo) -> the layer's output layout."""
+        return O2 if self.spatial == 2 else O2[:, :, 0, :]
+
+    def _fold(self, D, shape):
+        """Adjoint of :meth:`_windows`: D (N, C, Ho, Wo, kH·kW) -> (N, *shape[1:])."""
+        in_size = (1,) * (2 - self.spatial) + tuple(shape[2:])
+        out = fold(D.reshape(D.shape[:4] + self._kernel), in_size, self._kernel, self._stride, self._padding, (1, 1))
+        return out.reshape((D.shape[0],) + tuple(shape[1:]))
+
+    def _flat(self, X):
+        """X (..., C, [H,] W) -> (N, C, [H,] W), all leading axes (batch, directions) folded into one."""
+        return X.reshape((-1,) + X.shape[X.ndim - 1 - self.spatial:])
+
+
+class _MaxPool(_Pool):
+
+    def forward(self, p, I):
+        """Rule 1: each window's maximum; I (B, C, [H,] W) -> O (B, C, [Ho,] Wo)."""
+        windows = self._windows(I, fill=-np.inf)
+        where = windows.argmax(axis=-1)[..., None]  # first maximum of each window
+        O = np.take_along_axis(windows, where, axis=-1)[..., 0]
+        return self._out(O), {"where": where, "shape": I.shape}
+
+    def backward_input(self, p, cache, DO):
+        """Rule 2: each adjoint added to the input entry where its window's maximum was; DO (..., B, C, …)."""
+        shape = cache["shape"]
+        lead = DO.shape[:DO.ndim - 2 - self.spatial]
+        D2 = DO if self.spatial == 2 else DO[..., None, :]  # (..., B, C, Ho, Wo)
+        D = np.zeros(D2.shape + (int(np.prod(self._kernel)),), dtype=DO.dtype)
+        np.put_along_axis(D, np.broadcast_to(cache["where"], D2.shape + (1,)), D2[..., None], axis=-1)
+        DI = self._fold(D.reshape((-1,) + D.shape[-4:]), shape)
+        return DI.reshape(lead + tuple(shape))
+
+    def backward_params(self, p, cache, DO, out=None):
+        return {}
+
+    def tangent(self, p, cache, dI, dp):
+        """Rule 3: ``Ȯ_k`` = İ_k at each window's maximum; dI (k, B or 1, C, …) -> (k, B, C, …)."""
+        if dI is None:
+            return None
+        dI = np.broadcast_to(dI, dI.shape[:1] + tuple(cache["shape"]))
+        windows = self._windows(self._flat(dI))
+        windows = windows.reshape(dI.shape[:2] + windows.shape[1:])
+        where = np.broadcast_to(cache["where"], windows.shape[:-1] + (1,))
+        picked = np.take_along_axis(windows, where, axis=-1)[..., 0]
+        return picked if self.spatial == 2 else picked[:, :, :, 0, :]
+
+    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
+        return None, None
+
+
+class _AvgPool(_Pool):
+
+    def forward(self, p, I):
+        """Rule 1: each window's mean, zero padding counted (``count_include_pad=True``)."""
+        return self._mean(I), {"shape": I.shape}
+
+    def _mean(self, X):
+        """Window means of X (..., C, …), any leading axes."""
+        O = self._out(self._windows(self._flat(X)).mean(axis=-1))
+        return O.reshape(X.shape[:X.ndim - 1 - self.spatial] + O.shape[1:])
+
+    def backward_input(self, p, cache, DO):
+        """Rule 2: each adjoint spread evenly over its window; DO (..., B, C, …)."""
+        flat = self._flat(DO)
+        D2 = flat if self.spatial == 2 else flat[:, :, None, :]
+        size = int(np.prod(self._kernel))
+        D = np.broadcast_to((D2 / DO.dtype.type(size))[..., None], D2.shape + (size,))
+        DI = self._fold(D, (flat.shape[0],) + tuple(cache["shape"][1:]))
+        return DI.reshape(DO.shape[:DO.ndim - 1 - self.spatial] + DI.shape[1:])
+
+    def backward_params(self, p, cache, DO, out=None):
+        return {}
+
+    def tangent(self, p, cache, dI, dp):
+        """Rule 3: the map itself, ``Ȯ_k = avgpool(İ_k)``."""
+        return None if dI is None else self._mean(dI)
+
+    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
+        return None, None
+
+
+class MaxPool2d(_MaxPool):
+    """Max pooling as ``torch.nn.MaxPool2d(kernel_size, stride=None, padding=0)``: (B, C, H, W) -> (B, C, Ho, Wo).
+
+    ``stride`` defaults to ``kernel_size``; padding (at most half the kernel) never wins a maximum.
+    """
+
+    spatial = 2
+
+
+class MaxPool1d(_MaxPool):
+    """Max pooling as ``torch.nn.MaxPool1d``: (B, C, L) -> (B, C, L_out)."""
+
+    spatial = 1
+
+
+class AvgPool2d(_AvgPool):
+    """Average pooling as ``torch.nn.AvgPool2d(kernel_size, stride=None, padding=0)`` (count_include_pad=True)."""
+
+    spatial = 2
+
+
+class AvgPool1d(_AvgPool):
+    """Average pooling as ``torch.nn.AvgPool1d`` (count_include_pad=True): (B, C, L) -> (B, C, L_out)."""
+
+    spatial = 1
+
+
+class Flatten:
+    """All axes but the batch axis into one, in C order, as ``torch.nn.Flatten()``: (B, …) -> (B, F)."""
+
+    def __repr__(self):
+        return "Flatten()"
+
+    def param_shapes(self):
+        return []
+
+    def out_shape(self, in_shape):
+        return (int(np.prod(in_shape)),)
+
+    def forward(self, p, I):
+        return I.reshape(I.shape[0], -1), I.shape
+
+    def backward_input(self, p, shape, DO):
+        return DO.reshape(DO.shape[:-1] + tuple(shape[1:]))
+
+    def backward_params(self, p, shape, DO, out=None):
+        return {}
+
+    def tangent(self, p, shape, dI, dp):
+        return None if dI is None else dI.reshape(dI.shape[:2] + (-1,))
+
+    def tangent_backward(self, p, shape, dI, dp, DOD, need_input=True, summed=False):
+        return None, None
+
