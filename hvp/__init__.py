@@ -27,6 +27,7 @@ from .layers import (
     MaxPool1d,
     MaxPool2d,
     ReLU,
+    Residual,
     Sequential,
     Sigmoid,
     Softplus,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ELU", "Identity", "LeakyReLU", "ReLU", "Sigmoid", "Softplus", "Softsign", "Tanh",
     "Linear", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten", "Sequential",
+    "Residual",
     "CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss",
     "Linearization", "linearize", "loss_and_grad",
     "input_jvp", "input_jacobian", "tangent_loss_and_grad", "tangent_sum_grad_squared",

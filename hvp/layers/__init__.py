@@ -2,7 +2,8 @@
 
 One module per family: :mod:`~hvp.layers.dense` (Linear), :mod:`~hvp.layers.conv` (Conv1d,
 Conv2d), :mod:`~hvp.layers.pooling` (max and average pooling, Flatten),
-:mod:`~hvp.layers.activations` (elementwise), :mod:`~hvp.layers.composition` (Sequential).
+:mod:`~hvp.layers.activations` (elementwise), :mod:`~hvp.layers.composition` (Sequential,
+Residual).
 
 Arrays are batch first; a block of k directions adds a leading axis k, so that each
 direction is one ordinary batch and k directions cost k matrix products of full size (or
@@ -51,11 +52,11 @@ example (directions given at the input, with dp None). ``tangent`` and
 """
 
 from .activations import ELU, Elementwise, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Softsign, Tanh
-from .composition import Sequential
+from .composition import Residual, Sequential
 from .conv import Conv1d, Conv2d
 from .dense import Linear
 from .pooling import AvgPool1d, AvgPool2d, Flatten, MaxPool1d, MaxPool2d
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten",
            "Elementwise", "ELU", "Identity", "LeakyReLU", "ReLU", "Sigmoid", "Softplus", "Softsign", "Tanh",
-           "Sequential"]
+           "Sequential", "Residual"]

@@ -108,8 +108,7 @@ class Sequential:
         rng = check_seed(seed)
         theta = np.empty(self.num_params, dtype=dtype)
         for layer, entries in zip(self.layers, self._slices):
-            for _, start, stop, _ in entries:
-                bound = 1 / np.sqrt(layer.fan_in)
+            for (_, start, stop, _), bound in zip(entries, layer.init_bounds() if entries else []):
                 theta[start:stop] = rng.uniform(-bound, bound, size=stop - start)
         return theta
 
@@ -143,7 +142,7 @@ class Sequential:
         mask = np.zeros(self.num_params, dtype=bool)
         for entries in self._slices:
             for name, start, stop, _ in entries:
-                mask[start:stop] = name == "weight"
+                mask[start:stop] = name.rsplit(".", 1)[-1] == "weight"
         return mask
 
     def forward(self, theta, X):
@@ -169,3 +168,134 @@ class Sequential:
             X, cache = layer.forward(p, X)
             caches.append(cache)
         return X, caches
+
+
+class Residual:
+    """A residual block ``O = I + f(I)``, f a sequence of layers that keeps the shape (ResNet's skip connection).
+
+    Parameters
+    ----------
+    *layers
+        The layers of f, as instances; blocks may be nested. Their parameters appear in θ in order,
+        named ``"<index in f>.<name>"`` as in a PyTorch ``state_dict`` (``"0.weight"``, ``"2.bias"``).
+
+    The rules are those of f's layers, run through f, plus the identity path: ``Ȯ = İ + ḟ``,
+    ``DI = DO + f's backward of DO``, and f's rule-4 cross terms (the identity has none).
+    ``backward_params`` runs f's backward once and leaves its input adjoint for the
+    ``backward_input`` call with the same DO that follows it in a backward pass.
+    """
+
+    def __init__(self, *layers):
+        if not layers:
+            raise ValueError("Residual needs at least one layer, got none")
+        for i, layer in enumerate(layers):
+            check_instance(f"layers[{i}]", layer, "a layer such as hvp.Conv2d(...) or hvp.ReLU()")
+            if not all(hasattr(layer, name) for name in ("forward", "backward_input", "param_shapes", "out_shape")):
+                raise TypeError(f"Residual: layers[{i}] must be a layer such as hvp.Conv2d(...) or hvp.ReLU(), "
+                                f"got {describe(layer)}")
+        self.layers = list(layers)
+        self._names = [[(f"{j}.{name}", name) for name, _ in layer.param_shapes()]
+                       for j, layer in enumerate(self.layers)]
+        self.in_shape = next((layer.in_shape for layer in layers if getattr(layer, "in_shape", None) is not None),
+                             None)
+
+    def __repr__(self):
+        return "Residual(" + ", ".join(repr(layer) for layer in self.layers) + ")"
+
+    def param_shapes(self):
+        return [(f"{j}.{name}", shape) for j, layer in enumerate(self.layers) for name, shape in layer.param_shapes()]
+
+    def init_bounds(self):
+        return [bound for layer in self.layers if layer.param_shapes() for bound in layer.init_bounds()]
+
+    def out_shape(self, in_shape):
+        shape = tuple(in_shape)
+        for j, layer in enumerate(self.layers):
+            try:
+                shape = tuple(layer.out_shape(shape))
+            except ValueError as error:
+                raise ValueError(f"inside {self!r}, layer {j}: {error}") from None
+        if shape != tuple(in_shape):
+            raise ValueError(f"{self!r} must keep the shape of its input to add it back: per-example shape "
+                             f"{tuple(in_shape)} comes out as {shape}")
+        return shape
+
+    def _split(self, p):
+        """The block's parameter dict (or None) -> one dict per layer of f (None where a layer has none)."""
+        if p is None:
+            return [None] * len(self.layers)
+        return [{name: p[full] for full, name in names} or None for names in self._names]
+
+    # -- the four rules --------------------------------------------------------------------------
+
+    def forward(self, p, I):
+        """Rule 1: ``O = I + f(I)``."""
+        X, caches = I, []
+        for layer, q in zip(self.layers, self._split(p)):
+            X, cache = layer.forward(q or {}, X)
+            caches.append(cache)
+        return I + X, {"caches": caches}
+
+    def _backward(self, p, cache, DO, out):
+        """f's backward pass from DO: parameter adjoints into ``out`` (if given), returns f's input adjoint."""
+        params, caches = self._split(p), cache["caches"]
+        for j in reversed(range(len(self.layers))):
+            layer, q = self.layers[j], params[j] or {}
+            if out is not None and q:
+                views = {name: out[full] for full, name in self._names[j] if out.get(full) is not None}
+                grads = layer.backward_params(q, caches[j], DO, out=views)
+                out.update({full: grads[name] for full, name in self._names[j]})
+            DO = layer.backward_input(q, caches[j], DO)
+        return DO
+
+    def backward_params(self, p, cache, DO, out=None):
+        """Rule 2: f's parameter adjoints for DO (..., B, …), per direction for a leading k axis."""
+        out = {} if out is None else out
+        cache["input_adjoint"] = (DO, self._backward(p, cache, DO, out))
+        return out
+
+    def backward_input(self, p, cache, DO):
+        """Rule 2: ``DI = DO + f's input adjoint``."""
+        done = cache.pop("input_adjoint", None)
+        inner = done[1] if done is not None and done[0] is DO else self._backward(p, cache, DO, None)
+        return DO + inner
+
+    def _inner_tangents(self, p, cache, dI, dp):
+        """Tangents at the input of each layer of f, and at f's output."""
+        inputs, X = [], dI
+        for layer, q, c, dq in zip(self.layers, self._split(p), cache["caches"], self._split(dp)):
+            inputs.append(X)
+            X = layer.tangent(q or {}, c, X, dq)
+        return inputs, X
+
+    def tangent(self, p, cache, dI, dp):
+        """Rule 3: ``Ȯ = İ + ḟ(İ, ṗ)``."""
+        dF = self._inner_tangents(p, cache, dI, dp)[1]
+        if dI is None or dF is None:
+            return dF if dI is None else dI
+        return dI + dF
+
+    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
+        """Rule 4 cross terms of f (the identity path has none): per layer of f, its own cross terms with the
+        DOD backpropagated to its output, and the primal adjoint R they start carried back through f."""
+        params, caches, dps = self._split(p), cache["caches"], self._split(dp)
+        inputs = self._inner_tangents(p, cache, dI, dp)[0]
+        grads, R = {}, None
+        for j in reversed(range(len(self.layers))):
+            layer, q = self.layers[j], params[j] or {}
+            DI_j, g_j = layer.tangent_backward(q, caches[j], inputs[j], dps[j], DOD,
+                                               need_input=need_input or j > 0, summed=summed)
+            if q and (R is not None or g_j):
+                from_R = layer.backward_params(q, caches[j], R) if R is not None else {}
+                for full, name in self._names[j]:
+                    parts = [g for g in (from_R.get(name), (g_j or {}).get(name)) if g is not None]
+                    if parts:
+                        grads[full] = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            if j > 0 or need_input:
+                R = None if R is None else layer.backward_input(q, caches[j], R)
+                if DI_j is not None:
+                    R = DI_j if R is None else R + DI_j
+                if j > 0:
+                    DOD = layer.backward_input(q, caches[j], DOD)
+        return R, (grads or None)
+

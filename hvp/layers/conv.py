@@ -114,6 +114,10 @@ class _Conv:
     def fan_in(self):
         return self.in_channels // self.groups * int(np.prod(self.kernel_size))
 
+    def init_bounds(self):
+        """PyTorch's default initialization: every parameter ~ U(−1/√fan_in, 1/√fan_in)."""
+        return [1 / np.sqrt(self.fan_in)] * len(self.param_shapes())
+
     def param_shapes(self):
         """weight (out_channels, in_channels // groups, *kernel_size), then bias (out_channels,)."""
         shapes = [("weight", (self.out_channels, self.in_channels // self.groups) + self.kernel_size)]

@@ -40,6 +40,10 @@ class Linear:
     def fan_in(self):
         return self.in_features
 
+    def init_bounds(self):
+        """PyTorch's default initialization: every parameter ~ U(−1/√fan_in, 1/√fan_in)."""
+        return [1 / np.sqrt(self.fan_in)] * len(self.param_shapes())
+
     @property
     def in_shape(self):
         return (self.in_features,)
