@@ -267,6 +267,42 @@ class _Conv:
         return DI, grads
 
 
+    # -- K-FAC's Kronecker factors (hvp.kfac) ------------------------------------------------------
+
+    def _single_group(self):
+        if self.groups != 1:
+            raise TypeError(f"K-FAC needs one weight matrix per layer; {self!r} has {self.groups} groups, whose "
+                            "block-diagonal weights it does not factor")
+
+    def kronecker_factors(self, cache, D):
+        """K-FAC's factors with every output position as an example (Grosse & Martens 2016; "expand"):
+        ``A = mean_{b,l} ū ūᵀ`` over the patches ū = [U, 1] (J+1, J+1), ``G = Σ_{k,b,l} d dᵀ`` (O, O)
+        for output-side columns D (K, B, O, …)."""
+        self._single_group()
+        U = cache["U"][:, 0, :]  # (B·L, J)
+        n = U.shape[0]
+        A = U.T @ U
+        if self.bias:
+            s = U.sum(axis=0)
+            A = np.block([[A, s[:, None]], [s[None, :], np.full((1, 1), n, dtype=U.dtype)]])
+        R = self._to_rows(D).reshape(-1, self.out_channels)
+        return A / U.dtype.type(n), R.T @ R
+
+    def kronecker_matrix(self, p):
+        """The parameters as K-FAC's matrix ``W̄ = [W_matᵀ; b]`` (..., J+1, O), W_mat (O, J) the filters as rows."""
+        self._single_group()
+        W = p["weight"]
+        M = np.swapaxes(W.reshape(W.shape[:W.ndim - 1 - self.spatial] + (-1,)), -1, -2)
+        return M if not self.bias else np.concatenate([M, p["bias"][..., None, :]], axis=-2)
+
+    def from_kronecker_matrix(self, M, out):
+        """Write ``W̄`` (..., J+1, O) into the parameter views ``out``."""
+        J = self.fan_in
+        out["weight"][...] = np.swapaxes(M[..., :J, :], -1, -2).reshape(out["weight"].shape)
+        if self.bias:
+            out["bias"][...] = M[..., J, :]
+
+
 class Conv2d(_Conv):
     """2-D convolution as ``torch.nn.Conv2d``: inputs (B, C_in, H, W), outputs (B, C_out, H_out, W_out).
 
