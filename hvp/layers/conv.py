@@ -57,13 +57,15 @@ def unfold(I, kernel, stride, padding, dilation, fill=0.0):
 
 
 def fold(D, in_size, kernel, stride, padding, dilation):
-    """Adjoint of :func:`unfold`: D (N, C, H_out, W_out, kH, kW) summed back onto (N, C, H, W)."""
+    """Adjoint of :func:`unfold`: D (kH, kW, N, C, H_out, W_out) summed back onto (N, C, H, W).
+
+    The kernel offsets come first so that each one's slab is contiguous."""
     (pH, pW), (dH, dW), (sH, sW) = padding, dilation, stride
-    N, C, Ho, Wo = D.shape[:4]
+    N, C, Ho, Wo = D.shape[2:]
     out = np.zeros((N, C, in_size[0] + 2 * pH, in_size[1] + 2 * pW), dtype=D.dtype)
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            out[:, :, i * dH:i * dH + sH * (Ho - 1) + 1:sH, j * dW:j * dW + sW * (Wo - 1) + 1:sW] += D[..., i, j]
+            out[:, :, i * dH:i * dH + sH * (Ho - 1) + 1:sH, j * dW:j * dW + sW * (Wo - 1) + 1:sW] += D[i, j]
     return out[:, :, pH:pH + in_size[0], pW:pW + in_size[1]]
 
 
@@ -156,7 +158,7 @@ class _Conv:
     def _fold_rows(self, R, N, sizes, in_shape):
         """Adjoint of :meth:`_patches`: R (N·L, G, J) -> (N, C, [H,] W)."""
         Ho, Wo = sizes
-        D = R.reshape((N, Ho, Wo, self.in_channels) + self._kernel).transpose(0, 3, 1, 2, 4, 5)
+        D = np.ascontiguousarray(R.reshape((N, Ho, Wo, self.in_channels) + self._kernel).transpose(4, 5, 0, 3, 1, 2))
         in_size = (1,) * (2 - self.spatial) + tuple(in_shape[2:])
         out = fold(D, in_size, self._kernel, self._stride, self._padding, self._dilation)
         return out.reshape((N,) + tuple(in_shape[1:]))

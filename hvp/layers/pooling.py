@@ -64,8 +64,10 @@ class _Pool:
     def _fold(self, D, shape):
         """Adjoint of :meth:`_windows`: D (N, C, Ho, Wo, kH·kW) -> (N, *shape[1:])."""
         in_size = (1,) * (2 - self.spatial) + tuple(shape[2:])
-        out = fold(D.reshape(D.shape[:4] + self._kernel), in_size, self._kernel, self._stride, self._padding, (1, 1))
-        return out.reshape((D.shape[0],) + tuple(shape[1:]))
+        N = D.shape[0]
+        D = np.ascontiguousarray(np.moveaxis(D, -1, 0)).reshape(self._kernel + D.shape[:4])
+        out = fold(D, in_size, self._kernel, self._stride, self._padding, (1, 1))
+        return out.reshape((N,) + tuple(shape[1:]))
 
     def _flat(self, X):
         """X (..., C, [H,] W) -> (N, C, [H,] W), all leading axes (batch, directions) folded into one."""
