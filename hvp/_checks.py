@@ -114,8 +114,8 @@ def check_inputs(X, net, dtype):
     X = real_array("X", X, dtype)
     shape = net.in_shape
     if shape is not None:
-        names = iter("HW" if len(shape) == 3 else "L")
-        want = "(batch, " + ", ".join(next(names) if n is None else str(n) for n in shape) + ")"
+        names = {2: ("C", "L"), 3: ("C", "H", "W")}.get(len(shape), ("?",) * len(shape))
+        want = "(batch, " + ", ".join(name if n is None else str(n) for name, n in zip(names, shape)) + ")"
         if X.ndim != 1 + len(shape):
             raise ValueError(f"X must be {1 + len(shape)}-D of shape {want}, got {X.ndim}-D shape {X.shape}")
         if shape[0] is not None and X.shape[1] != shape[0]:

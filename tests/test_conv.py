@@ -896,8 +896,8 @@ def test_groups_must_divide_channels(make, match):
 def test_kernel_larger_than_padded_input_fails_at_the_first_call():
     net = hvp.Sequential(hvp.Conv2d(1, 2, 5, padding=1), hvp.Flatten(), hvp.Linear(8, 2))  # fine at construction
     theta = net.init(0)
-    with pytest.raises(ValueError, match=r"layer 0 .*Conv2d.*kernel spans 5.*padded input's 5"):
-        hvp.loss_and_grad(net, hvp.MSELoss(), theta, np.zeros((2, 1, 3, 3)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"layer 0 .*Conv2d.*kernel spans 5.*padded input's 4"):
+        hvp.loss_and_grad(net, hvp.MSELoss(), theta, np.zeros((2, 1, 2, 2)), np.zeros((2, 2)))
     net1 = hvp.Sequential(hvp.Conv1d(2, 3, 3, dilation=2), hvp.Flatten(), hvp.Linear(3, 2))
     with pytest.raises(ValueError, match=r"Conv1d.*kernel spans 5"):
         net1.forward(net1.init(0), np.zeros((2, 2, 4)))

@@ -1,0 +1,57 @@
+"""What works on networks with convolutions, pooling and flatten beyond the products, and what says it does not."""
+
+import numpy as np
+import pytest
+
+import hvp
+
+
+def pooled_mlp():
+    """Parameter-free layers before the first Linear one: every per-example quantity applies."""
+    return hvp.Sequential(hvp.MaxPool2d(2), hvp.Flatten(), hvp.Linear(4, 3), hvp.Tanh(), hvp.Linear(3, 2))
+
+
+def test_per_example_quantities_after_pooling_match_a_loop_over_examples():
+    rng = np.random.default_rng(0)
+    net, loss = pooled_mlp(), hvp.CrossEntropyLoss()
+    theta, X, y = net.init(0), rng.normal(size=(5, 1, 4, 4)), rng.integers(0, 2, 5)
+    pt = hvp.linearize(net, loss, theta, X, y)
+    # each example's term of the mean loss: its own gradient / B, one example at a time
+    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], y[i:i + 1])[1] / 5 for i in range(5)])
+    np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(pt.sum_grad_squared(), (per_example ** 2).sum(axis=0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(pt.batch_l2(), (per_example ** 2).sum(axis=1), rtol=1e-12, atol=1e-15)
+    dense = np.stack([pt.hvp(e) for e in np.eye(net.num_params)], axis=1)
+    np.testing.assert_allclose(pt.diag_hessian(), np.diag(dense), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("quantity", ["sum_grad_squared", "batch_grad", "diag_ggn", "diag_hessian"])
+def test_per_example_quantities_refuse_convolutions(quantity):
+    net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.Flatten(), hvp.Linear(18, 2))
+    pt = hvp.linearize(net, hvp.CrossEntropyLoss(), net.init(0), np.ones((3, 1, 4, 4)), np.array([0, 1, 0]))
+    with pytest.raises(TypeError, match=r"Linear.*Conv2d"):
+        getattr(pt, quantity)()
+
+
+def test_input_derivatives_refuse_image_inputs():
+    net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.Flatten(), hvp.Linear(18, 2))
+    with pytest.raises(TypeError, match=r"input derivatives need.*in_features"):
+        hvp.input_jacobian(net, net.init(0), np.ones((3, 1, 4, 4)))
+
+
+@pytest.mark.parametrize("X_shape, match", [
+    ((2, 4, 4), r"X must be 4-D of shape \(batch, 1, H, W\), got 3-D"),
+    ((2, 3, 4, 4), r"X must have 1 channels \(axis 1\)"),
+    ((2, 1, 3, 3), r"layer 3 does not fit X of per-example shape \(1, 3, 3\).*Linear\(18, 2.*expects 18.*gives 8"),
+    ((2, 1, 1, 4), r"layer 0 does not fit.*kernel spans 2 along spatial axis 0, more than the padded input's 1"),
+], ids=["rank", "channels", "linear-width", "kernel-too-large"])
+def test_input_shapes_are_checked_layer_by_layer(X_shape, match):
+    net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.ReLU(), hvp.Flatten(), hvp.Linear(18, 2))
+    with pytest.raises(ValueError, match=match):
+        hvp.loss_and_grad(net, hvp.CrossEntropyLoss(), net.init(0), np.ones(X_shape), np.zeros(2, dtype=int))
+
+
+def test_outputs_must_be_two_dimensional():
+    net = hvp.Sequential(hvp.Conv1d(1, 2, 2))
+    with pytest.raises(ValueError, match=r"outputs must have shape \(batch, C\).*\(2, 3\).*Flatten"):
+        net.forward(net.init(0), np.ones((2, 1, 4)))
