@@ -5,10 +5,10 @@ explicit skip connections), differentiated by finite differences in float64.
 """
 
 import numpy as np
+import oracles
 import pytest
 
 import hvp
-from tests import oracles
 
 
 def block_net():
