@@ -269,12 +269,12 @@ class ConvCase:
     def J_bias(self):
         return fd_jacobian(lambda b: self.ref(self.X, self.W, b), self.b)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one instance per case, kept for the session
+    @functools.cache  # noqa: B019 - one instance per case, kept for the session
     def J_input_at_weight(self, k):
         """d/dI of conv_ref(I, Ẇ_k) without bias (a linear map of I)."""
         return fd_jacobian(lambda X: self.ref(X, self.dW[k]), self.X)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019
+    @functools.cache  # noqa: B019
     def J_weight_at_input(self, k, shared=False):
         """d/dW of conv_ref(İ_k, W) without bias, İ_k from dX or (broadcast) dX_shared."""
         dX = np.broadcast_to(self.dX_shared[k], self.X.shape) if shared else self.dX[k]
@@ -306,12 +306,12 @@ class PoolCase:
         return fd_jacobian(self.ref, self.X)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_case(case_id) -> ConvCase:
     return ConvCase(case_id)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pool_case(case_id) -> PoolCase:
     return PoolCase(case_id)
 
@@ -710,12 +710,12 @@ class NetProblem:
         return hvp.linearize(self.net, self.loss, self.theta, self.X, self.y)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def net_problem(name, kind) -> NetProblem:
     return NetProblem(name, kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def net_jacobian(name):
     """J = d vec(outputs) / dθ of the reference network, (B·C, P), one central difference per column."""
     p = net_problem(name, "mse")  # the same θ and X for every loss
