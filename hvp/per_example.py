@@ -7,31 +7,35 @@ without the L2 term. The L2 penalty is not per-example and is left out of every
 per-example quantity; :func:`diag_ggn` and :func:`diag_ggn_mc` include it, as
 ``pt.ggnvp`` does.
 
-A Linear layer ``O = I W + b`` with adjoint ``DO = ∂L/∂O`` (B, n) at its output
-(``pt.adjoints[i]``, which already carries the normalizer) has per-example
-gradients ``(g_n)_W = I_nᵀ DO_n`` and ``(g_n)_b = DO_n`` (seed 002, DESIGN.md §2), so
-``Σ_n (g_n)_W² = (I²)ᵀ (DO²)`` and ``‖(g_n)_W‖² = ‖I_n‖² ‖DO_n‖²`` take one matmul
-or less per layer and never form a (B, m, n) array.
+Each layer with parameters gives its own pieces through the layer contract (:mod:`hvp.layers`):
+``batch_grad``, ``grad_squares`` and ``batch_l2``, from its cache and the adjoint ``DO = ∂L/∂O``
+at its output (``pt.adjoints[i]``, which already carries the normalizer). A Linear layer
+``O = I W + b`` has per-example gradients ``(g_n)_W = I_nᵀ DO_n`` and ``(g_n)_b = DO_n`` (seed 002,
+DESIGN.md §2), so ``Σ_n (g_n)_W² = (I²)ᵀ (DO²)`` and ``‖(g_n)_W‖² = ‖I_n‖² ‖DO_n‖²`` take one matmul
+or less and never form a (B, m, n) array; a convolution sums over output positions, so its
+squares do not factor and it forms per-example gradients a block of examples at a time.
 """
 
 import numpy as np
 
 from ._checks import check_int, check_seed, describe
 from .layers.activations import Elementwise
-from .layers.dense import Linear
 
 BATCH_GRAD_BLOCK_BYTES = 16 << 20  # batch_grad fills its (B, P) result in blocks of rows of about this size
 
 
-def _linear_indices(pt):
-    """Indices of the Linear layers; every parameter of a network lives in one."""
+PER_EXAMPLE_RULES = ("batch_grad", "grad_squares", "batch_l2")
+
+
+def _param_layers(pt):
+    """Indices of the layers with parameters; each must give the per-example pieces of the layer contract."""
     indices = []
     for i, layer in enumerate(pt.net.layers):
-        if isinstance(layer, Linear):
+        if layer.param_shapes():
+            if not all(hasattr(layer, rule) for rule in PER_EXAMPLE_RULES):
+                raise TypeError(f"per-example quantities need the per-example rules of the layer contract "
+                                f"(Linear and convolution layers give them); layer {i} ({describe(layer)}) has none")
             indices.append(i)
-        elif layer.param_shapes():
-            raise TypeError(f"per-example quantities support parameters in hvp.Linear layers only, "
-                            f"got layer {i}: {describe(layer)}")
     return indices
 
 
@@ -39,58 +43,44 @@ def _grad_without_l2(pt):
     """``Σ_n g_n`` (P,): the gradient of the loss alone, a fresh array."""
     g = pt.grad.copy()
     if pt.l2:
-        l2 = g.dtype.type(pt.l2)
-        views = pt.net.unflatten(g)
-        for i in _linear_indices(pt):
-            views[i]["weight"] -= l2 * pt.params[i]["weight"]
+        g[pt.weight_mask] -= g.dtype.type(pt.l2) * pt.theta[pt.weight_mask]
     return g
 
 
-def _sum_grad_squared(pt, factor=1.0):
-    """``factor · Σ_n g_n²`` (P,); the factor scales the (B, n) arrays ``DO²``, not the result."""
+def _sum_grad_squared(pt):
+    """``Σ_n g_n²`` (P,)."""
     out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
     views = pt.net.unflatten(out)
-    for i in _linear_indices(pt):
-        DO2 = np.square(pt.adjoints[i])
-        if factor != 1:
-            DO2 *= DO2.dtype.type(factor)
-        np.matmul(np.square(pt.caches[i]).T, DO2, out=views[i]["weight"])
-        if "bias" in views[i]:
-            np.sum(DO2, axis=0, out=views[i]["bias"])
+    for i in _param_layers(pt):
+        pt.net.layers[i].grad_squares(pt.caches[i], pt.adjoints[i][None], views[i])
     return out
 
 
 def sum_grad_squared(pt):
-    """``Σ_n g_n²`` (P,): weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
+    """``Σ_n g_n²`` (P,): for a Linear layer weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
     return _sum_grad_squared(pt)
 
 
 def batch_grad(pt):
-    """``g_n`` (B, P) for every example: weight ``I_nᵀ DO_n``, bias ``DO_n``; one (B, P) array."""
+    """``g_n`` (B, P) for every example; one (B, P) array, filled a block of examples at a time."""
     B = pt.outputs.shape[0]
     out = np.empty((B, pt.net.num_params), dtype=pt.theta.dtype)
-    views = pt.net.unflatten(out)  # weight (B, m, n), bias (B, n): views into the rows of out
-    linears = _linear_indices(pt)
+    views = pt.net.unflatten(out)  # e.g. weight (B, m, n), bias (B, n): views into the rows of out
+    layers = _param_layers(pt)
     rows = max(1, BATCH_GRAD_BLOCK_BYTES // out[0].nbytes)  # blocks of rows written front to back
     for start in range(0, B, rows):
         block = slice(start, start + rows)
-        for i in linears:
-            I, DO = pt.caches[i][block], pt.adjoints[i][block]
-            np.multiply(I[:, :, None], DO[:, None, :], out=views[i]["weight"][block])
-            if "bias" in views[i]:
-                views[i]["bias"][block] = DO
+        for i in layers:
+            pt.net.layers[i].batch_grad(pt.caches[i], pt.adjoints[i], {name: view[block] for name, view in
+                                                                       views[i].items()}, block)
     return out
 
 
 def batch_l2(pt):
-    """``‖g_n‖²`` (B,): ``Σ_layers ‖I_n‖² ‖DO_n‖² (+ ‖DO_n‖² for a bias)``."""
+    """``‖g_n‖²`` (B,), summed over the layers' per-example squared norms."""
     out = np.zeros(pt.outputs.shape[0], dtype=pt.theta.dtype)
-    for i in _linear_indices(pt):
-        I, DO = pt.caches[i], pt.adjoints[i]
-        DO_norms = np.einsum("bn,bn->b", DO, DO)
-        out += np.einsum("bm,bm->b", I, I) * DO_norms
-        if pt.net.layers[i].bias:
-            out += DO_norms
+    for i in _param_layers(pt):
+        out += pt.net.layers[i].batch_l2(pt.caches[i], pt.adjoints[i])
     return out
 
 
@@ -102,7 +92,8 @@ def variance(pt):
     """
     B = pt.outputs.shape[0]
     c = B if pt.loss_fn.reduction == "mean" else 1
-    out = _sum_grad_squared(pt, factor=c * c / B)
+    out = _sum_grad_squared(pt)
+    out *= out.dtype.type(c * c / B)
     g = _grad_without_l2(pt) if pt.l2 else pt.grad
     if c != B:
         g = g * g.dtype.type(c / B)
@@ -114,36 +105,32 @@ def variance(pt):
 def _diag_ggn_from_factor(pt, S):
     """``Σ_b Σ_k (J_bᵀ S_kb)²`` (P,) + l2 on weights, for a factor S (K, B, C) of the loss Hessian.
 
-    The K columns travel backward together; per Linear layer ``diag_W = (I²)ᵀ Σ_k DO_k²``
-    (the squares summed over k before the one matmul) and ``diag_b = Σ_{k,b} DO_k²``.
-    An activation's σ′ is kept aside as a factor of the adjoint, ``DO = σ′ ⊙ D``, so that
-    ``Σ_k DO_k² = σ′² ⊙ Σ_k D_k²`` costs (B, n) work and D is scaled only if it travels on.
+    The K columns travel backward together, and each layer with parameters turns them into its
+    ``Σ_{k,b}`` of squared per-example gradients (``grad_squares``; for a Linear layer the squares
+    summed over k before one matmul). An activation's σ′ is kept aside as a factor of the adjoint,
+    ``DO = σ′ ⊙ D``, so that a Linear layer's ``Σ_k DO_k² = σ′² ⊙ Σ_k D_k²`` costs (B, n) work and D
+    is scaled only if it travels on.
     """
     out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
     views = pt.net.unflatten(out)
-    linears = _linear_indices(pt)
+    layers = _param_layers(pt)
     D = S.astype(pt.theta.dtype)  # our own copy: scaled in place below
-    scale = None  # DO = scale ⊙ D, scale (B, n) or None for 1
-    for i in reversed(range(linears[0], len(pt.net.layers))):
+    scale = None  # DO = scale ⊙ D, scale (B, …) or None for 1
+    for i in reversed(range(layers[0], len(pt.net.layers))):
         layer, p, cache = pt.net.layers[i], pt.params[i], pt.caches[i]
         if isinstance(layer, Elementwise):
             d1 = layer._d1(cache)
             scale = d1 if scale is None else scale * d1
             continue
-        if isinstance(layer, Linear):
-            DO2 = np.einsum("kbn,kbn->bn", D, D)
-            if scale is not None:
-                DO2 *= np.square(scale)
-            np.matmul(np.square(cache).T, DO2, out=views[i]["weight"])
-            if pt.l2:
-                views[i]["weight"] += out.dtype.type(pt.l2)
-            if "bias" in views[i]:
-                np.sum(DO2, axis=0, out=views[i]["bias"])
-        if i > linears[0]:
+        if i in layers:
+            layer.grad_squares(cache, D, views[i], scale)
+        if i > layers[0]:
             if scale is not None:
                 D *= scale
                 scale = None
             D = layer.backward_input(p, cache, D)
+    if pt.l2:
+        out[pt.weight_mask] += out.dtype.type(pt.l2)
     return out
 
 

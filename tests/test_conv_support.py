@@ -25,8 +25,41 @@ def test_per_example_quantities_after_pooling_match_a_loop_over_examples():
     np.testing.assert_allclose(pt.diag_hessian(), np.diag(dense), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("quantity", ["sum_grad_squared", "batch_grad", "diag_ggn", "diag_hessian"])
-def test_per_example_quantities_refuse_convolutions(quantity):
+def cnn():
+    """Grouped and strided convolutions, pooling, activations between: every per-example piece of a convolution."""
+    return hvp.Sequential(hvp.Conv2d(2, 4, 3, padding=1, groups=2), hvp.Tanh(), hvp.MaxPool2d(2),
+                          hvp.Conv2d(4, 3, (2, 1), stride=(1, 2)), hvp.Sigmoid(), hvp.Flatten(), hvp.Linear(3, 3))
+
+
+@pytest.mark.parametrize("kind", ["ce_labels", "mse"])
+def test_per_example_quantities_of_a_cnn_match_a_loop_over_examples(kind):
+    rng = np.random.default_rng(1)
+    net = cnn()
+    theta, X = net.init(0), rng.normal(size=(6, 2, 4, 4))
+    loss, y = (hvp.CrossEntropyLoss(), rng.integers(0, 3, 6)) if kind == "ce_labels" else (hvp.MSELoss(),
+                                                                                           rng.normal(size=(6, 3)))
+    pt = hvp.linearize(net, loss, theta, X, y, l2=0.1)  # the L2 term is in no per-example quantity
+    # example n's term of the mean loss (1/B of cross-entropy; 1/(B·C) of MSE, C = 3 on each side)
+    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], y[i:i + 1])[1] / 6 for i in range(6)])
+    np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(pt.sum_grad_squared(), (per_example ** 2).sum(axis=0), rtol=1e-12, atol=1e-18)
+    np.testing.assert_allclose(pt.batch_l2(), (per_example ** 2).sum(axis=1), rtol=1e-12, atol=1e-18)
+    ggn = np.stack([pt.ggnvp(e) for e in np.eye(net.num_params)], axis=1)
+    np.testing.assert_allclose(pt.diag_ggn(), np.diag(ggn), rtol=1e-12, atol=1e-16)
+
+
+def test_small_blocks_of_examples_give_the_same_squares(monkeypatch):
+    rng = np.random.default_rng(2)
+    net = cnn()
+    pt = hvp.linearize(net, hvp.CrossEntropyLoss(), net.init(0), rng.normal(size=(6, 2, 4, 4)), rng.integers(0, 3, 6))
+    whole = pt.diag_ggn(), pt.batch_l2()
+    monkeypatch.setattr(hvp.Conv2d, "PER_EXAMPLE_BYTES", 1)  # one example per block
+    for a, b in zip(whole, (pt.diag_ggn(), pt.batch_l2())):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-18)
+
+
+@pytest.mark.parametrize("quantity", ["diag_hessian"])
+def test_diag_hessian_refuses_convolutions(quantity):
     net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.Flatten(), hvp.Linear(18, 2))
     pt = hvp.linearize(net, hvp.CrossEntropyLoss(), net.init(0), np.ones((3, 1, 4, 4)), np.array([0, 1, 0]))
     with pytest.raises(TypeError, match=r"Linear.*Conv2d"):

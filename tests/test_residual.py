@@ -126,7 +126,7 @@ def test_bad_blocks_are_refused():
 def test_quantities_without_residual_support_say_so(case):
     net, theta, X, y = case
     pt = hvp.linearize(net, hvp.CrossEntropyLoss(), theta, X, y)
-    with pytest.raises(TypeError, match="Linear layers only.*Residual"):
+    with pytest.raises(TypeError, match="per-example rules.*Residual"):
         pt.sum_grad_squared()
     with pytest.raises(TypeError, match="Kronecker factors.*Residual"):
         pt.kfac()

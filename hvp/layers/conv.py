@@ -269,6 +269,58 @@ class _Conv:
         return DI, grads
 
 
+    # -- per-example pieces (hvp.per_example) ------------------------------------------------------
+
+    PER_EXAMPLE_BYTES = 16 << 20  # per-example gradients are formed in blocks of examples of about this size
+
+    def _example_grads(self, cache, D, rows):
+        """Per-example weight gradients (K, b, O, C/G, *kernel) of the examples ``rows`` for D (K, B, O, …):
+        ``g_kb = Σ_l D_kbl ⊗ U_bl`` per group, the sum over output positions l one matmul."""
+        B, G = cache["shape"][0], self.groups
+        U = cache["U"].reshape(B, -1, G, cache["U"].shape[-1])[rows]  # (b, L, G, J)
+        R = self._to_rows(D[:, rows])  # (K, b·L, G, O/G)
+        R = R.reshape((R.shape[0],) + U.shape[:3] + (-1,))  # (K, b, L, G, O/G)
+        g = np.matmul(R.transpose(0, 1, 3, 4, 2), U.transpose(0, 2, 1, 3))  # (K, b, G, O/G, J)
+        return g.reshape(g.shape[:2] + (self.out_channels, self.in_channels // G) + self.kernel_size)
+
+    def _blocks(self, cache, K):
+        B = cache["shape"][0]
+        per_example = K * self.out_channels * self.fan_in * cache["U"].itemsize * self.groups
+        size = max(1, self.PER_EXAMPLE_BYTES // per_example)
+        return [slice(start, start + size) for start in range(0, B, size)]
+
+    def _bias_grads(self, D):
+        """Per-example bias gradients (…, B, O): D summed over the output positions."""
+        return D.sum(axis=tuple(range(-self.spatial, 0)))
+
+    def batch_grad(self, cache, DO, out, rows=slice(None)):
+        """Per-example gradients of the examples ``rows``: weight (b, O, C/G, *kernel), bias (b, O)."""
+        out["weight"][...] = self._example_grads(cache, DO[None], rows)[0]
+        if self.bias:
+            out["bias"][...] = self._bias_grads(DO[rows])
+
+    def grad_squares(self, cache, D, out, scale=None):
+        """``Σ_{k,b} (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B, O, …): per-example gradients
+        formed a block of examples at a time (the squares do not factor over positions)."""
+        if scale is not None:
+            D = D * scale
+        out["weight"][...] = 0
+        for rows in self._blocks(cache, D.shape[0]):
+            out["weight"] += np.square(self._example_grads(cache, D, rows)).sum(axis=(0, 1))
+        if self.bias:
+            out["bias"][...] = np.square(self._bias_grads(D)).sum(axis=(0, 1))
+
+    def batch_l2(self, cache, DO):
+        """``‖g_b‖²`` (B,)."""
+        parts = []
+        for rows in self._blocks(cache, 1):
+            g = self._example_grads(cache, DO[None], rows)[0]
+            parts.append(np.square(g.reshape(len(g), -1)).sum(axis=1))
+        norms = np.concatenate(parts)
+        if self.bias:
+            norms += np.square(self._bias_grads(DO)).sum(axis=1)
+        return norms
+
     # -- K-FAC's Kronecker factors (hvp.kfac) ------------------------------------------------------
 
     def _single_group(self):

@@ -116,6 +116,29 @@ class Linear:
         if self.bias:
             out["bias"][...] = M[..., self.in_features, :]
 
+    def batch_grad(self, I, DO, out, rows=slice(None)):
+        """Per-example gradients of the examples ``rows``: ``(g_b)_W = I_bᵀ DO_b`` (b, m, n), ``(g_b)_b = DO_b``."""
+        I, DO = I[rows], DO[rows]
+        np.multiply(I[:, :, None], DO[:, None, :], out=out["weight"])
+        if self.bias:
+            out["bias"][...] = DO
+
+    def grad_squares(self, I, D, out, scale=None):
+        """``Σ_{k,b} (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B, n): weight ``(I²)ᵀ Σ_k DO_k²``,
+        bias ``Σ_{k,b} DO_k²`` — one matmul; the σ′ factor ``scale`` (B, n) is applied to the squares."""
+        DO2 = np.einsum("kbn,kbn->bn", D, D)
+        if scale is not None:
+            DO2 *= np.square(scale)
+        np.matmul(np.square(I).T, DO2, out=out["weight"])
+        if self.bias:
+            np.sum(DO2, axis=0, out=out["bias"])
+
+    def batch_l2(self, I, DO):
+        """``‖g_b‖²`` (B,): ``‖I_b‖² ‖DO_b‖² (+ ‖DO_b‖² for the bias)``."""
+        DO_norms = np.einsum("bn,bn->b", DO, DO)
+        norms = np.einsum("bm,bm->b", I, I) * DO_norms
+        return norms + DO_norms if self.bias else norms
+
     def tangent_backward(self, p, I, dI, dp, DOD, need_input=True, summed=False):
         """Rule 4 cross terms: ``DI_k = DOD Ẇ_kᵀ``, ``DW_k = İ_kᵀ DOD``; DOD (B, n) or (k, B, n).
 
