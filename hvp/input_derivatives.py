@@ -10,7 +10,8 @@ with the cross terms summed over the k directions (seed 002 §2, DESIGN.md §1):
 - Linear: ``DI = DO Wᵀ``, ``DİD_k = DOD_k Wᵀ``, ``DW = Iᵀ DO + Σ_k İ_kᵀ DOD_k``, ``Db = Σ_b DO``
 
 Directions (public shapes, batch first): one direction (m,) for every example,
-k directions (k, m) shared by all examples, or (B, k, m), k per example. Output
+k directions (k, m) shared by all examples, or (B, k, m), k per example (for inputs
+of another per-example shape s, such as images (C, H, W), s takes the place of m). Output
 tangents come back as (B, k, C), or (B, C) for one (m,) direction (as ``pt.jvp``).
 A single direction per example is written (B, 1, m).
 
@@ -52,23 +53,25 @@ CHUNK_ENTRIES = 1 << 22  # entries of the largest temporary array of tangent_sum
 # -- validation ---------------------------------------------------------------
 
 
-def _input_tangents(directions, B, m, dtype):
-    """Directions as input tangents, a fresh array, and whether one (m,) came.
+def _input_tangents(directions, X_shape, dtype):
+    """Directions as input tangents, a fresh array, and whether one direction of X's per-example shape came.
 
-    Per-example directions give (k, B, m); shared ones (k, 1, m), a tangent shared by all
-    examples that the layers broadcast (see :mod:`hvp.layers`).
+    Per-example directions give (k, B, *s); shared ones (k, 1, *s), a tangent shared by all
+    examples that the layers broadcast (see :mod:`hvp.layers`); s = X's per-example shape.
     """
+    B, s = X_shape[0], tuple(X_shape[1:])
     D = real_array("directions", directions, dtype)
-    if not ((D.ndim == 1 and D.shape[0] == m)
-            or (D.ndim == 2 and D.shape[0] >= 1 and D.shape[1] == m)
-            or (D.ndim == 3 and D.shape[0] == B and D.shape[1] >= 1 and D.shape[2] == m)):
-        raise ValueError(f"directions must have shape ({m},), (k, {m}) shared by all examples or "
-                         f"({B}, k, {m}) per example, with k >= 1, for X of shape ({B}, {m}); "
+    n = len(s)
+    if not (D.shape == s or (D.ndim == n + 1 and D.shape[0] >= 1 and D.shape[1:] == s)
+            or (D.ndim == n + 2 and D.shape[0] == B and D.shape[1] >= 1 and D.shape[2:] == s)):
+        shape = ", ".join(map(str, s))
+        raise ValueError(f"directions must have shape ({shape}{',' if n == 1 else ''}), (k, {shape}) shared by all "
+                         f"examples or ({B}, k, {shape}) per example, with k >= 1, for X of shape {tuple(X_shape)}; "
                          f"got shape {D.shape}")
     check_finite("directions", D)
-    if D.ndim == 3:
-        return np.ascontiguousarray(D.transpose(1, 0, 2)), False
-    return D.reshape(-1, 1, m).copy(), D.ndim == 1
+    if D.ndim == n + 2:
+        return np.ascontiguousarray(np.swapaxes(D, 0, 1)), False
+    return D.reshape((-1, 1) + s).copy(), D.ndim == n
 
 
 def _check_tangent_loss(loss):
@@ -99,18 +102,11 @@ def _loss_adjoints(loss, O, dO, target):
     return float(value), DO, np.ascontiguousarray(DOD.transpose(1, 0, 2))
 
 
-def _check_flat_inputs(net):
-    if net.in_features is None:
-        raise TypeError(f"input derivatives need a network on inputs (B, in_features), one that starts with "
-                        f"hvp.Linear (activations may come first); got {describe(net)}")
-
-
 def _prepare(net, theta, X, directions):
     check_net(net)
-    _check_flat_inputs(net)
     theta = check_theta(theta, net.num_params)
     X = check_inputs(X, net, theta.dtype)
-    dX, single = _input_tangents(directions, X.shape[0], net.in_features, theta.dtype)
+    dX, single = _input_tangents(directions, X.shape, theta.dtype)
     return theta, net.unflatten(theta), X, dX, single
 
 
@@ -166,8 +162,8 @@ def input_jvp(net, theta, X, directions):
     ----------
     net : Sequential
     theta : ndarray, shape (P,), float32 or float64
-    X : array_like, shape (B, m)
-    directions : array_like, shape (m,), (k, m) or (B, k, m)
+    X : array_like, shape (B, m), or (B, *s) for a network on images or sequences
+    directions : array_like, shape (m,), (k, m) or (B, k, m) (s for m with other inputs)
         One direction or k directions shared by all examples, or k directions per example.
 
     Returns
@@ -189,17 +185,19 @@ def input_jacobian(net, theta, X):
     ----------
     net : Sequential
     theta : ndarray, shape (P,), float32 or float64
-    X : array_like, shape (B, m)
+    X : array_like, shape (B, m), or (B, *s)
 
     Returns
     -------
-    ndarray, shape (B, C, m), dtype of θ
+    ndarray, shape (B, C, m), or (B, C, *s); dtype of θ
     """
     check_net(net)
-    _check_flat_inputs(net)
     theta = check_theta(theta, net.num_params)
-    _, dO = input_jvp(net, theta, X, np.eye(net.in_features, dtype=theta.dtype))
-    return np.ascontiguousarray(dO.transpose(0, 2, 1))
+    X = check_inputs(X, net, theta.dtype)
+    s = X.shape[1:]
+    m = int(np.prod(s))
+    _, dO = input_jvp(net, theta, X, np.eye(m, dtype=theta.dtype).reshape((m,) + s))
+    return np.ascontiguousarray(dO.transpose(0, 2, 1)).reshape(dO.shape[:1] + dO.shape[2:] + s)
 
 
 def tangent_loss_and_grad(net, loss, theta, X, y, directions, l2=0.0):

@@ -66,10 +66,50 @@ def test_diag_hessian_refuses_convolutions(quantity):
         getattr(pt, quantity)()
 
 
-def test_input_derivatives_refuse_image_inputs():
-    net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.Flatten(), hvp.Linear(18, 2))
-    with pytest.raises(TypeError, match=r"input derivatives need.*in_features"):
-        hvp.input_jacobian(net, net.init(0), np.ones((3, 1, 4, 4)))
+def fd_input_jacobian(net, theta, X, eps=1e-6):
+    """∂O_b/∂X_b (B, C, *s) by central differences of the forward pass, one input entry at a time."""
+    B, s = X.shape[0], X.shape[1:]
+    columns = []
+    for j in range(int(np.prod(s))):
+        E = np.zeros(s)
+        E.flat[j] = eps
+        columns.append((net.forward(theta, X + E) - net.forward(theta, X - E)) / (2 * eps))
+    return np.stack(columns, axis=-1).reshape((B, -1) + s)
+
+
+def test_input_jacobian_of_a_cnn_against_finite_differences():
+    rng = np.random.default_rng(4)
+    net = cnn()
+    theta, X = net.init(0), rng.normal(size=(3, 2, 4, 4))
+    J = hvp.input_jacobian(net, theta, X)
+    assert J.shape == (3, 3, 2, 4, 4)
+    np.testing.assert_allclose(J, fd_input_jacobian(net, theta, X), rtol=1e-6, atol=1e-9)
+    V = rng.normal(size=(3, 2, 2, 4, 4))  # two directions per example
+    _, dO = hvp.input_jvp(net, theta, X, V)
+    np.testing.assert_allclose(dO, np.einsum("bcs,bks->bkc", J.reshape(3, 3, -1), V.reshape(3, 2, -1)),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_jacobian_penalty_gradient_of_a_cnn_against_finite_differences():
+    """L(θ) = CE + 0.3·mean_b ‖(∂O_b/∂X_b) V‖²: its gradient from rule 4 against differences of L's value,
+    the value itself against the penalty built from the finite-difference Jacobian."""
+    rng = np.random.default_rng(5)
+    net = cnn()
+    theta, X, y = net.init(0), rng.normal(size=(3, 2, 4, 4)), rng.integers(0, 3, 3)
+    V = rng.normal(size=(2, 2, 4, 4))  # two directions shared by all examples
+    loss = hvp.JacobianPenalty(hvp.CrossEntropyLoss(), 0.3)
+    value, grad = hvp.tangent_loss_and_grad(net, loss, theta, X, y, V)
+    J = fd_input_jacobian(net, theta, X).reshape(3, 3, -1)
+    penalty = np.sum(np.einsum("bcs,ks->bkc", J, V.reshape(2, -1)) ** 2) / 3
+    assert value == pytest.approx(hvp.loss_and_grad(net, hvp.CrossEntropyLoss(), theta, X, y)[0] + 0.3 * penalty,
+                                  rel=1e-7)
+
+    def f(t):
+        return hvp.tangent_loss_and_grad(net, loss, t, X, y, V)[0]
+
+    eps = 1e-6
+    fd = np.array([(f(theta + eps * e) - f(theta - eps * e)) / (2 * eps) for e in np.eye(net.num_params)])
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("X_shape, match", [
