@@ -34,7 +34,8 @@ def _param_layers(pt):
         if layer.param_shapes():
             if not all(hasattr(layer, rule) for rule in PER_EXAMPLE_RULES):
                 raise TypeError(f"per-example quantities need the per-example rules of the layer contract "
-                                f"(Linear and convolution layers give them); layer {i} ({describe(layer)}) has none")
+                                f"(Linear, convolution and Residual layers give them); layer {i} ({describe(layer)}) "
+                                "has none")
             indices.append(i)
     return indices
 
@@ -52,7 +53,7 @@ def _sum_grad_squared(pt):
     out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
     views = pt.net.unflatten(out)
     for i in _param_layers(pt):
-        pt.net.layers[i].grad_squares(pt.caches[i], pt.adjoints[i][None], views[i])
+        pt.net.layers[i].grad_squares(pt.params[i], pt.caches[i], pt.adjoints[i][None], views[i])
     return out
 
 
@@ -71,8 +72,8 @@ def batch_grad(pt):
     for start in range(0, B, rows):
         block = slice(start, start + rows)
         for i in layers:
-            pt.net.layers[i].batch_grad(pt.caches[i], pt.adjoints[i], {name: view[block] for name, view in
-                                                                       views[i].items()}, block)
+            block_views = {name: view[block] for name, view in views[i].items()}
+            pt.net.layers[i].batch_grad(pt.params[i], pt.caches[i], pt.adjoints[i], block_views, block)
     return out
 
 
@@ -80,7 +81,7 @@ def batch_l2(pt):
     """``‖g_n‖²`` (B,), summed over the layers' per-example squared norms."""
     out = np.zeros(pt.outputs.shape[0], dtype=pt.theta.dtype)
     for i in _param_layers(pt):
-        out += pt.net.layers[i].batch_l2(pt.caches[i], pt.adjoints[i])
+        out += pt.net.layers[i].batch_l2(pt.params[i], pt.caches[i], pt.adjoints[i])
     return out
 
 
@@ -123,7 +124,7 @@ def _diag_ggn_from_factor(pt, S):
             scale = d1 if scale is None else scale * d1
             continue
         if i in layers:
-            layer.grad_squares(cache, D, views[i], scale)
+            layer.grad_squares(p, cache, D, views[i], scale)
         if i > layers[0]:
             if scale is not None:
                 D *= scale

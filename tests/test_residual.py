@@ -123,10 +123,37 @@ def test_bad_blocks_are_refused():
         hvp.Residual("conv")
 
 
-def test_quantities_without_residual_support_say_so(case):
+def test_per_example_quantities_match_a_loop_over_examples(case):
+    net, theta, X, y = case
+    loss = hvp.CrossEntropyLoss()
+    pt = hvp.linearize(net, loss, theta, X, y, l2=0.2)  # the L2 term is in no per-example quantity
+    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], y[i:i + 1])[1] / 5 for i in range(5)])
+    np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(pt.sum_grad_squared(), (per_example ** 2).sum(axis=0), rtol=1e-12, atol=1e-18)
+    np.testing.assert_allclose(pt.batch_l2(), (per_example ** 2).sum(axis=1), rtol=1e-12, atol=1e-18)
+    J = oracles.fd_jacobian(lambda t: ref_forward(t, X), theta)
+    H_out = oracles.ref_output_hessian(ref_forward(theta, X), y, "ce_labels", "mean")
+    expected = np.diag(J.T @ H_out @ J) + 0.2 * weight_mask()
+    np.testing.assert_allclose(pt.diag_ggn(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_per_example_quantities_of_a_convolutional_block():
+    rng = np.random.default_rng(7)
+    block = hvp.Residual(hvp.Conv2d(2, 2, 3, padding=1), hvp.Tanh(), hvp.Conv2d(2, 2, 1))
+    net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.Sigmoid(), block, hvp.Flatten(), hvp.Linear(18, 3))
+    loss, theta = hvp.MSELoss(), net.init(2)
+    X, Y = rng.normal(size=(4, 1, 4, 4)), rng.normal(size=(4, 3))
+    pt = hvp.linearize(net, loss, theta, X, Y)
+    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], Y[i:i + 1])[1] / 4 for i in range(4)])
+    np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(pt.variance(), 4 * (per_example ** 2).sum(axis=0) - per_example.sum(axis=0) ** 2,
+                               rtol=1e-10, atol=1e-14)
+    ggn = np.stack([pt.ggnvp(e) for e in np.eye(net.num_params)], axis=1)
+    np.testing.assert_allclose(pt.diag_ggn(), np.diag(ggn), rtol=1e-12, atol=1e-16)
+
+
+def test_kfac_says_it_does_not_factor_residual_blocks(case):
     net, theta, X, y = case
     pt = hvp.linearize(net, hvp.CrossEntropyLoss(), theta, X, y)
-    with pytest.raises(TypeError, match="per-example rules.*Residual"):
-        pt.sum_grad_squared()
     with pytest.raises(TypeError, match="Kronecker factors.*Residual"):
         pt.kfac()

@@ -26,9 +26,9 @@ rule                  method                                       shapes
 ====================  ===========================================  ==========================================
 
 Layers with parameters may also give per-example pieces (:mod:`hvp.per_example`), from their cache
-and output-side adjoints: ``batch_grad(cache, DO, out, rows)`` (the examples ``rows``' gradients
-into views ``out`` of shape (b, *shape)), ``grad_squares(cache, D, out, scale=None)``
-(``Σ_{k,b} g_kb²`` for adjoints ``scale ⊙ D_k``, D (K, B, n)) and ``batch_l2(cache, DO)`` ((B,)); and
+and output-side adjoints: ``batch_grad(p, cache, DO, out, rows)`` (the examples ``rows``' gradients
+into views ``out`` of shape (b, *shape)), ``grad_squares(p, cache, D, out, scale=None)``
+(``Σ_{k,b} g_kb²`` for adjoints ``scale ⊙ D_k``, D (K, B, n)) and ``batch_l2(p, cache, DO)`` ((B,)); and
 K-FAC's Kronecker factors (:mod:`hvp.kfac`):
 ``kronecker_factors(cache, D) -> (A, G)`` for output-side columns D (K, B, n), and their
 parameters as one matrix, ``kronecker_matrix(p) -> W̄`` (..., rows, cols) with

@@ -260,6 +260,37 @@ class Residual:
         inner = done[1] if done is not None and done[0] is DO else self._backward(p, cache, DO, None)
         return DO + inner
 
+    # -- per-example pieces: f's layers' own, with adjoints carried back through f ---------------------
+
+    def _through(self, p, cache, D, visit):
+        """Carry output-side adjoints D back through f, calling ``visit(j, layer, p_j, cache_j, D_j)`` at each
+        layer with parameters on the adjoint at its output; the identity path adds nothing to f's parameters."""
+        params, caches = self._split(p), cache["caches"]
+        for j in reversed(range(len(self.layers))):
+            layer = self.layers[j]
+            if params[j]:
+                visit(j, layer, params[j], caches[j], D)
+            if j > 0:
+                D = layer.backward_input(params[j] or {}, caches[j], D)
+
+    def _sub_views(self, j, out):
+        return {name: out[full] for full, name in self._names[j]}
+
+    def batch_grad(self, p, cache, DO, out, rows=slice(None)):
+        """Per-example gradients of f's parameters, each layer's own rule on the adjoint at its output."""
+        self._through(p, cache, DO, lambda j, layer, q, c, D: layer.batch_grad(q, c, D, self._sub_views(j, out), rows))
+
+    def grad_squares(self, p, cache, D, out, scale=None):
+        """``Σ_{k,b} g_kb²`` of f's parameters for adjoints ``scale ⊙ D_k``, D (K, B, …)."""
+        self._through(p, cache, D if scale is None else D * scale,
+                      lambda j, layer, q, c, Dj: layer.grad_squares(q, c, Dj, self._sub_views(j, out)))
+
+    def batch_l2(self, p, cache, DO):
+        """``‖g_b‖²`` (B,) of f's parameters."""
+        norms = []
+        self._through(p, cache, DO, lambda j, layer, q, c, D: norms.append(layer.batch_l2(q, c, D)))
+        return sum(norms)
+
     def _inner_tangents(self, p, cache, dI, dp):
         """Tangents at the input of each layer of f, and at f's output."""
         inputs, X = [], dI

@@ -293,13 +293,13 @@ class _Conv:
         """Per-example bias gradients (…, B, O): D summed over the output positions."""
         return D.sum(axis=tuple(range(-self.spatial, 0)))
 
-    def batch_grad(self, cache, DO, out, rows=slice(None)):
+    def batch_grad(self, p, cache, DO, out, rows=slice(None)):
         """Per-example gradients of the examples ``rows``: weight (b, O, C/G, *kernel), bias (b, O)."""
         out["weight"][...] = self._example_grads(cache, DO[None], rows)[0]
         if self.bias:
             out["bias"][...] = self._bias_grads(DO[rows])
 
-    def grad_squares(self, cache, D, out, scale=None):
+    def grad_squares(self, p, cache, D, out, scale=None):
         """``Σ_{k,b} (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B, O, …): per-example gradients
         formed a block of examples at a time (the squares do not factor over positions)."""
         if scale is not None:
@@ -310,7 +310,7 @@ class _Conv:
         if self.bias:
             out["bias"][...] = np.square(self._bias_grads(D)).sum(axis=(0, 1))
 
-    def batch_l2(self, cache, DO):
+    def batch_l2(self, p, cache, DO):
         """``‖g_b‖²`` (B,)."""
         parts = []
         for rows in self._blocks(cache, 1):

@@ -116,14 +116,14 @@ class Linear:
         if self.bias:
             out["bias"][...] = M[..., self.in_features, :]
 
-    def batch_grad(self, I, DO, out, rows=slice(None)):
+    def batch_grad(self, p, I, DO, out, rows=slice(None)):
         """Per-example gradients of the examples ``rows``: ``(g_b)_W = I_bᵀ DO_b`` (b, m, n), ``(g_b)_b = DO_b``."""
         I, DO = I[rows], DO[rows]
         np.multiply(I[:, :, None], DO[:, None, :], out=out["weight"])
         if self.bias:
             out["bias"][...] = DO
 
-    def grad_squares(self, I, D, out, scale=None):
+    def grad_squares(self, p, I, D, out, scale=None):
         """``Σ_{k,b} (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B, n): weight ``(I²)ᵀ Σ_k DO_k²``,
         bias ``Σ_{k,b} DO_k²`` — one matmul; the σ′ factor ``scale`` (B, n) is applied to the squares."""
         DO2 = np.einsum("kbn,kbn->bn", D, D)
@@ -133,7 +133,7 @@ class Linear:
         if self.bias:
             np.sum(DO2, axis=0, out=out["bias"])
 
-    def batch_l2(self, I, DO):
+    def batch_l2(self, p, I, DO):
         """``‖g_b‖²`` (B,): ``‖I_b‖² ‖DO_b‖² (+ ‖DO_b‖² for the bias)``."""
         DO_norms = np.einsum("bn,bn->b", DO, DO)
         norms = np.einsum("bm,bm->b", I, I) * DO_norms
