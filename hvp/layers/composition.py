@@ -182,7 +182,8 @@ class Residual:
     The rules are those of f's layers, run through f, plus the identity path: ``Ȯ = İ + ḟ``,
     ``DI = DO + f's backward of DO``, and f's rule-4 cross terms (the identity has none).
     ``backward_params`` runs f's backward once and leaves its input adjoint for the
-    ``backward_input`` call with the same DO that follows it in a backward pass.
+    ``backward_input`` call with the same DO that follows it in a backward pass; ``tangent``
+    leaves f's inner tangents for ``tangent_backward`` alike.
     """
 
     def __init__(self, *layers):
@@ -300,8 +301,10 @@ class Residual:
         return inputs, X
 
     def tangent(self, p, cache, dI, dp):
-        """Rule 3: ``Ȯ = İ + ḟ(İ, ṗ)``."""
-        dF = self._inner_tangents(p, cache, dI, dp)[1]
+        """Rule 3: ``Ȯ = İ + ḟ(İ, ṗ)``; f's inner tangents are left for the ``tangent_backward`` call with
+        the same İ and ṗ that may follow in a second-order pass."""
+        inputs, dF = self._inner_tangents(p, cache, dI, dp)
+        cache["inner_tangents"] = (dI, dp, inputs)
         if dI is None or dF is None:
             return dF if dI is None else dI
         return dI + dF
@@ -310,7 +313,9 @@ class Residual:
         """Rule 4 cross terms of f (the identity path has none): per layer of f, its own cross terms with the
         DOD backpropagated to its output, and the primal adjoint R they start carried back through f."""
         params, caches, dps = self._split(p), cache["caches"], self._split(dp)
-        inputs = self._inner_tangents(p, cache, dI, dp)[0]
+        done = cache.pop("inner_tangents", None)
+        same = done is not None and done[0] is dI and done[1] is dp
+        inputs = done[2] if same else self._inner_tangents(p, cache, dI, dp)[0]
         grads, R = {}, None
         for j in reversed(range(len(self.layers))):
             layer, q = self.layers[j], params[j] or {}
