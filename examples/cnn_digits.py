@@ -9,7 +9,7 @@ the top-5 eigenvalues of the Hessian over the training set (Lanczos) and its spe
 
     python examples/cnn_digits.py [--seconds 8] [--output cnn_digits.png]
 
-Needs scikit-learn and matplotlib (``pip install 'hvp[examples]'``); about 30 s on 2 cores.
+Needs scikit-learn and matplotlib (``pip install 'hvp[examples]'``); 43 s on one core of the README's machine.
 """
 
 import argparse
