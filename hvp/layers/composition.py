@@ -5,6 +5,18 @@ import numpy as np
 from .._checks import check_inputs, check_instance, check_seed, check_theta, describe
 
 
+def _check_layers(owner, layers):
+    """Layers given to Sequential or Residual: at least one, each an instance with the four rules."""
+    if not layers:
+        raise ValueError(f"{owner} needs at least one layer, got none")
+    expected = "a layer such as hvp.Linear(in_features, out_features) or hvp.Tanh()"
+    for i, layer in enumerate(layers):
+        check_instance(f"layers[{i}]", layer, expected)
+        if not all(hasattr(layer, name) for name in ("forward", "backward_input", "param_shapes", "out_shape")):
+            hint = f" (pass them one by one: hvp.{owner}(*layers))" if isinstance(layer, (list, tuple)) else ""
+            raise TypeError(f"layers[{i}] must be {expected}, got {describe(layer)}{hint}")
+
+
 class Sequential:
     """Layers applied in order, ``O = f_L(… f_1(X))``, with parameters in one flat θ.
 
@@ -32,14 +44,7 @@ class Sequential:
     """
 
     def __init__(self, *layers):
-        if not layers:
-            raise ValueError("Sequential needs at least one layer, got none")
-        expected = "a layer such as hvp.Linear(in_features, out_features) or hvp.Tanh()"
-        for i, layer in enumerate(layers):
-            check_instance(f"layers[{i}]", layer, expected)
-            if not all(hasattr(layer, name) for name in ("forward", "backward_input", "param_shapes", "out_shape")):
-                hint = " (pass them one by one: hvp.Sequential(*layers))" if isinstance(layer, (list, tuple)) else ""
-                raise TypeError(f"layers[{i}] must be {expected}, got {describe(layer)}{hint}")
+        _check_layers("Sequential", layers)
         if not any(layer.param_shapes() for layer in layers):
             raise ValueError("Sequential needs at least one layer with parameters, such as hvp.Linear or hvp.Conv2d")
         self.layers = list(layers)
@@ -187,13 +192,7 @@ class Residual:
     """
 
     def __init__(self, *layers):
-        if not layers:
-            raise ValueError("Residual needs at least one layer, got none")
-        for i, layer in enumerate(layers):
-            check_instance(f"layers[{i}]", layer, "a layer such as hvp.Conv2d(...) or hvp.ReLU()")
-            if not all(hasattr(layer, name) for name in ("forward", "backward_input", "param_shapes", "out_shape")):
-                raise TypeError(f"Residual: layers[{i}] must be a layer such as hvp.Conv2d(...) or hvp.ReLU(), "
-                                f"got {describe(layer)}")
+        _check_layers("Residual", layers)
         self.layers = list(layers)
         self._names = [[(f"{j}.{name}", name) for name, _ in layer.param_shapes()]
                        for j, layer in enumerate(self.layers)]
