@@ -155,13 +155,26 @@ class _Conv:
         rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(N * Ho * Wo, self.groups, -1)
         return rows, (Ho, Wo)
 
-    def _fold_rows(self, R, N, sizes, in_shape):
-        """Adjoint of :meth:`_patches`: R (N·L, G, J) -> (N, C, [H,] W)."""
-        Ho, Wo = sizes
-        D = np.ascontiguousarray(R.reshape((N, Ho, Wo, self.in_channels) + self._kernel).transpose(4, 5, 0, 3, 1, 2))
-        in_size = (1,) * (2 - self.spatial) + tuple(in_shape[2:])
-        out = fold(D, in_size, self._kernel, self._stride, self._padding, self._dilation)
-        return out.reshape((N,) + tuple(in_shape[1:]))
+    def _fold_product(self, R, W, cache, summed=False):
+        """``fold(R W_g)`` for rows R (K, N·L, G, O/G) and weights W (K′, O, C/G, *kernel), K, K′ ∈ {1, k},
+        without forming ``R W_g``: one product per kernel offset, added into the padded input in
+        channels-last order, where each offset's slab is contiguous. Returns (K·N, C, [H,] W), or the
+        sum over K (N, C, [H,] W) with ``summed``."""
+        G, C, spatial = self.groups, self.in_channels, tuple(cache["shape"][2:])
+        (pH, pW), (dH, dW), (sH, sW), (Ho, Wo) = self._padding, self._dilation, self._stride, cache["sizes"]
+        H, Wd = (1,) * (2 - self.spatial) + spatial
+        K, N = max(R.shape[0], W.shape[0]), R.shape[1] // (Ho * Wo)
+        Rg = np.moveaxis(R, 2, 1)  # (K, G, N·L, O/G)
+        W = W.reshape((W.shape[0], G, self.out_channels // G, C // G) + self._kernel)
+        out = np.zeros(((1 if summed else K) * N, H + 2 * pH, Wd + 2 * pW, C), dtype=R.dtype)
+        for i in range(self._kernel[0]):
+            for j in range(self._kernel[1]):
+                D = np.matmul(Rg, W[..., i, j])  # (K, G, N·L, C/G)
+                D = D.sum(axis=0, keepdims=True) if summed and K > 1 else D
+                out[:, i * dH:i * dH + sH * (Ho - 1) + 1:sH, j * dW:j * dW + sW * (Wo - 1) + 1:sW] += (
+                    np.moveaxis(D, 1, 2).reshape((-1, Ho, Wo, C)))
+        out = out[:, pH:pH + H, pW:pW + Wd].transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(out).reshape((out.shape[0], C) + spatial)
 
     def _to_rows(self, O):
         """Outputs (..., N, O_ch, [Ho,] Wo) -> rows (..., N·L, G, O/G)."""
@@ -194,9 +207,7 @@ class _Conv:
         """Rule 2: ``DI = fold(DO W_g)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W)."""
         lead = DO.shape[:-2 - self.spatial]
         DO = DO.reshape((-1,) + DO.shape[-1 - self.spatial:])
-        R = self._to_rows(DO)  # (N·L, G, O/G)
-        D = np.matmul(R.transpose(1, 0, 2), self._weight(p["weight"]))  # (G, N·L, J)
-        DI = self._fold_rows(D.transpose(1, 0, 2), DO.shape[0], cache["sizes"], cache["shape"])
+        DI = self._fold_product(self._to_rows(DO)[None], p["weight"][None], cache)
         return DI.reshape(lead + tuple(cache["shape"]))
 
     def _param_grads(self, R, U, out, bias_from):
@@ -241,15 +252,9 @@ class _Conv:
         B = cache["shape"][0]
         if dp is not None and need_input:
             R = self._to_rows(DOD)  # (N·L, G, O/G) or (k, N·L, G, O/G)
-            Rg = np.moveaxis(R, -2, -3) if R.ndim == 4 else R.transpose(1, 0, 2)[None]  # (1|k, G, N·L, O/G)
-            D = np.matmul(Rg, self._weight(dp["weight"]))  # (k, G, N·L, J)
-            D = np.moveaxis(D, 1, 2)  # (k, N·L, G, J)
-            if summed:
-                DI = self._fold_rows(D.sum(axis=0), B, cache["sizes"], cache["shape"])
-            else:
-                k = D.shape[0]
-                DI = self._fold_rows(D.reshape((k * D.shape[1],) + D.shape[2:]), k * B, cache["sizes"],
-                                     cache["shape"]).reshape((k,) + tuple(cache["shape"]))
+            DI = self._fold_product(R if R.ndim == 4 else R[None], dp["weight"], cache, summed)
+            if not summed:
+                DI = DI.reshape((-1,) + tuple(cache["shape"]))
         if dI is not None:
             k, Bt = dI.shape[:2]
             if Bt == 1 and B != 1:  # a tangent shared by all examples: DOD summed over the batch first
