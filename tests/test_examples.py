@@ -13,6 +13,7 @@ RUNS = {
     "quickstart": ("quickstart.py", [], "symmetric: True"),
     "train_digits": ("train_digits.py", ["--hidden", "16", "--seconds", "0.2", "--output", "digits.png"],
                      "Lowest training loss after 0.2 s"),
+    "cnn_digits": ("cnn_digits.py", ["--seconds", "0.2", "--output", "cnn.png"], "top-5 eigenvalues"),
     "curves_autoencoder": ("curves_autoencoder.py", ["--n-train", "40", "--n-test", "20", "--budget", "0.3"],
                            "squared reconstruction error per example"),
     "sobolev_fit": ("sobolev_fit.py", ["--samples", "8", "--seeds", "1", "--max-iter", "5"], "RMSE"),
@@ -20,7 +21,7 @@ RUNS = {
     "curvature_spectrum": ("curvature_spectrum.py", ["--out", "spectrum.png", "--checkpoints", "0", "3"],
                            "top-5 eigenvalues"),
 }
-NEEDS_SKLEARN = {"train_digits", "gradient_noise", "curvature_spectrum"}
+NEEDS_SKLEARN = {"train_digits", "cnn_digits", "gradient_noise", "curvature_spectrum"}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
