@@ -237,10 +237,17 @@ class Residual:
         return I + X, {"caches": caches}
 
     def _backward(self, p, cache, DO, out):
-        """f's backward pass from DO: parameter adjoints into ``out`` (if given), returns f's input adjoint."""
+        """f's backward pass from DO: parameter adjoints into ``out`` (if given), returns f's input adjoint.
+
+        The first pass through a cache keeps the adjoint at every layer of f's output: in a linearization
+        that is the gradient's δ, the DOD of every later Hessian product's cross terms."""
         params, caches = self._split(p), cache["caches"]
+        adjoints = cache.setdefault("adjoints", (DO, [None] * len(self.layers)))
+        keep = adjoints[0] is DO
         for j in reversed(range(len(self.layers))):
             layer, q = self.layers[j], params[j] or {}
+            if keep:
+                adjoints[1][j] = DO
             if out is not None and q:
                 views = {name: out[full] for full, name in self._names[j] if out.get(full) is not None}
                 grads = layer.backward_params(q, caches[j], DO, out=views)
@@ -315,7 +322,7 @@ class Residual:
         done = cache.pop("inner_tangents", None)
         same = done is not None and done[0] is dI and done[1] is dp
         inputs = done[2] if same else self._inner_tangents(p, cache, dI, dp)[0]
-        grads, R = {}, None
+        grads, R, DOD_out = {}, None, DOD
         for j in reversed(range(len(self.layers))):
             layer, q = self.layers[j], params[j] or {}
             DI_j, g_j = layer.tangent_backward(q, caches[j], inputs[j], dps[j], DOD,
@@ -331,6 +338,8 @@ class Residual:
                 if DI_j is not None:
                     R = DI_j if R is None else R + DI_j
                 if j > 0:
-                    DOD = layer.backward_input(q, caches[j], DOD)
+                    kept = cache.get("adjoints")
+                    DOD = kept[1][j - 1] if kept is not None and kept[0] is DOD_out and kept[1][j - 1] is not None \
+                        else layer.backward_input(q, caches[j], DOD)
         return R, (grads or None)
 
