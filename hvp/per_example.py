@@ -22,8 +22,6 @@ from ._checks import check_int, check_seed, describe
 from .layers.activations import Elementwise
 
 BATCH_GRAD_BLOCK_BYTES = 16 << 20  # batch_grad fills its (B, P) result in blocks of rows of about this size
-
-
 PER_EXAMPLE_RULES = ("batch_grad", "grad_squares", "batch_l2")
 
 
@@ -48,18 +46,13 @@ def _grad_without_l2(pt):
     return g
 
 
-def _sum_grad_squared(pt):
-    """``Σ_n g_n²`` (P,)."""
+def sum_grad_squared(pt):
+    """``Σ_n g_n²`` (P,): for a Linear layer weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
     out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
     views = pt.net.unflatten(out)
     for i in _param_layers(pt):
         pt.net.layers[i].grad_squares(pt.params[i], pt.caches[i], pt.adjoints[i][None], views[i])
     return out
-
-
-def sum_grad_squared(pt):
-    """``Σ_n g_n²`` (P,): for a Linear layer weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
-    return _sum_grad_squared(pt)
 
 
 def batch_grad(pt):
@@ -93,7 +86,7 @@ def variance(pt):
     """
     B = pt.outputs.shape[0]
     c = B if pt.loss_fn.reduction == "mean" else 1
-    out = _sum_grad_squared(pt)
+    out = sum_grad_squared(pt)
     out *= out.dtype.type(c * c / B)
     g = _grad_without_l2(pt) if pt.l2 else pt.grad
     if c != B:
