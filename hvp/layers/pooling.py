@@ -69,6 +69,13 @@ class _Pool:
         out = fold(D, in_size, self._kernel, self._stride, self._padding, (1, 1))
         return out.reshape((N,) + tuple(shape[1:]))
 
+    def backward_params(self, p, cache, DO, out=None):
+        return {}
+
+    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
+        """No cross terms: the map is linear (average) or linear on the piece the forward pass found (max)."""
+        return None, None
+
     def _flat(self, X):
         """X (..., C, [H,] W) -> (N, C, [H,] W), all leading axes (batch, directions) folded into one."""
         return X.reshape((-1,) + X.shape[X.ndim - 1 - self.spatial:])
@@ -93,9 +100,6 @@ class _MaxPool(_Pool):
         DI = self._fold(D.reshape((-1,) + D.shape[-4:]), shape)
         return DI.reshape(lead + tuple(shape))
 
-    def backward_params(self, p, cache, DO, out=None):
-        return {}
-
     def tangent(self, p, cache, dI, dp):
         """Rule 3: ``Ȯ_k`` = İ_k at each window's maximum; dI (k, B or 1, C, …) -> (k, B, C, …)."""
         if dI is None:
@@ -106,9 +110,6 @@ class _MaxPool(_Pool):
         where = np.broadcast_to(cache["where"], windows.shape[:-1] + (1,))
         picked = np.take_along_axis(windows, where, axis=-1)[..., 0]
         return picked if self.spatial == 2 else picked[:, :, :, 0, :]
-
-    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
-        return None, None
 
 
 class _AvgPool(_Pool):
@@ -131,15 +132,9 @@ class _AvgPool(_Pool):
         DI = self._fold(D, (flat.shape[0],) + tuple(cache["shape"][1:]))
         return DI.reshape(DO.shape[:DO.ndim - 1 - self.spatial] + DI.shape[1:])
 
-    def backward_params(self, p, cache, DO, out=None):
-        return {}
-
     def tangent(self, p, cache, dI, dp):
         """Rule 3: the map itself, ``Ȯ_k = avgpool(İ_k)``."""
         return None if dI is None else self._mean(dI)
-
-    def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
-        return None, None
 
 
 class MaxPool2d(_MaxPool):
