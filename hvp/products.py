@@ -117,13 +117,16 @@ class Linearization:
         ``∇L(θ)``, L2 term included.
     outputs : ndarray, shape (B, C)
         Network outputs ``O = f(θ, X)``.
+    inputs, targets : ndarray
+        X and y as checked and converted (θ's dtype; labels as integers): the batch itself, not a copy.
     """
 
     def __init__(self, net, loss, theta, X, y, l2):
         self.net, self.loss_fn, self.theta, self.l2 = net, loss, theta, l2
         self.params = net.unflatten(theta)
         self.outputs, self.caches = net.forward_cached(self.params, X)
-        value, self.loss_cache = loss.forward(self.outputs, loss.check_target(y, self.outputs))
+        self.inputs, self.targets = X, loss.check_target(y, self.outputs)
+        value, self.loss_cache = loss.forward(self.outputs, self.targets)
         self.grad, self.adjoints = _backward(net, self.params, self.caches,
                                              loss.backward(self.loss_cache), keep_adjoints=True)
         self.weight_mask = net.weight_mask()

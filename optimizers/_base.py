@@ -99,7 +99,7 @@ class Optimizer:
     def _objective(self, theta, X, y, weight_mask):
         """The objective at θ on a checked batch: one forward pass; +inf where it is NaN or Inf.
 
-        X (B, in_features) and y as returned by ``check_inputs`` and ``loss.check_target``;
+        X (B, …) and y as checked by the linearization (``pt.inputs``, ``pt.targets``);
         weight_mask (P,) as ``Linearization.weight_mask``.
         """
         with np.errstate(all="ignore"):

@@ -36,7 +36,7 @@ import numpy as np
 
 import hvp
 from hvp import kfac as kronecker
-from hvp._checks import check_bool, check_inputs, check_int
+from hvp._checks import check_bool, check_int
 
 from . import _checkpoint
 from ._base import Optimizer, check_positive
@@ -335,8 +335,7 @@ class NewtonCG(Optimizer):
         pt = hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
         if gtol is not None and np.linalg.norm(pt.grad) <= gtol:
             return None
-        X = check_inputs(X, self.net, self.theta.dtype)
-        y = self.loss.check_target(y, pt.outputs)
+        X, y = pt.inputs, pt.targets
         curvature, next_offset = self._curvature_operator(pt, X, y)
         theta = self.theta
 

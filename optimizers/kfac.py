@@ -30,7 +30,7 @@ import numpy as np
 
 import hvp
 from hvp import kfac as kronecker
-from hvp._checks import check_bool, check_inputs, check_int
+from hvp._checks import check_bool, check_int
 
 from . import _checkpoint
 from ._base import Optimizer, check_positive
@@ -238,8 +238,7 @@ class KFAC(Optimizer):
         update = V[:, pair] @ coefficients.astype(g.dtype)
         # 4. ρ from one forward pass at the trial point
         trial = self.theta + update
-        X = check_inputs(X, self.net, self.theta.dtype)
-        f_new = self._objective(trial, X, self.loss.check_target(y, pt.outputs), pt.weight_mask)
+        f_new = self._objective(trial, pt.inputs, pt.targets, pt.weight_mask)
         accepted, rho, rounding = judge(f0, q, f_new, g.dtype)
         new_damping, new_gamma = damping, (gammas[i] if accepted else gamma)
         if not accepted:
