@@ -12,11 +12,10 @@ the top-5 eigenvalues of the Hessian over the training set (Lanczos) and its spe
 Needs scikit-learn and matplotlib (``pip install 'hvp[examples]'``); 43 s on one core of the README's machine.
 """
 
-import argparse
 import time
 
 import numpy as np
-from train_digits import load_digits_split, train
+from train_digits import load_digits_split, train, training_options
 
 import hvp
 from hvp import curvature
@@ -29,15 +28,7 @@ def cnn():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0, help="training seconds per method (default 8)")
-    parser.add_argument("--adam-lr", type=float, default=3e-3, help="Adam's learning rate (default 3e-3)")
-    parser.add_argument("--batch", type=int, default=128, help="Adam's mini-batch size")
-    parser.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on weights (default 1e-4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="cnn_digits.png", help="path of the figure (PNG)")
-    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
-    args = parser.parse_args(argv)
+    args = training_options(__doc__, 8.0, "cnn_digits.png").parse_args(argv)
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     threadpool_limits(args.threads)

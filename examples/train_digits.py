@@ -123,16 +123,23 @@ def plot(curves, path):
     print(f"saved {path}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="training seconds per method (default 5)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 64], help="hidden widths (default 128 64)")
+def training_options(doc, seconds, output):
+    """The options :func:`train` reads (seconds, adam_lr, batch, l2, seed), and output and threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=seconds,
+                        help=f"training seconds per method (default {seconds:g})")
     parser.add_argument("--adam-lr", type=float, default=3e-3, help="Adam's learning rate (default 3e-3)")
     parser.add_argument("--batch", type=int, default=128, help="Adam's mini-batch size")
     parser.add_argument("--l2", type=float, default=1e-4, help="L2 penalty on weights (default 1e-4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="digits.png", help="path of the plot (PNG)")
+    parser.add_argument("--output", default=output, help="path of the plot (PNG)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
+    return parser
+
+
+def main(argv=None):
+    parser = training_options(__doc__, 5.0, "digits.png")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 64], help="hidden widths (default 128 64)")
     args = parser.parse_args(argv)
     # numpy and scipy each bring their own OpenBLAS; on a small problem their idle threads spin against
     # each other and slow scipy's L-BFGS-B four-fold. One thread each is fair to all and fastest here.
