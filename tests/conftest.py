@@ -208,6 +208,17 @@ def problem(arch, loss_kind, reduction):
 # --------------------------------------------------------------------------- optimizers
 
 
+def loop_grads(net, loss, theta, X, y) -> np.ndarray:
+    """Per-example gradients g_n (B, P), one example at a time through ``hvp.loss_and_grad`` (no L2 term).
+
+    Each is example n's term of the reduced loss: a one-example batch's gradient times 1/B for mean
+    reduction (a one-example batch divides by 1 or C, the full batch by B or B·C), 1 for sum.
+    """
+    B = len(X)
+    rows = [hvp.loss_and_grad(net, loss, theta, X[n:n + 1], y[n:n + 1])[1] for n in range(B)]
+    return np.stack(rows) * (1.0 / B if loss.reduction == "mean" else 1.0)
+
+
 def logreg_loss_and_grad(theta, X, y, l2):
     """Oracle for one Linear layer + mean softmax cross-entropy + l2/2‖W‖²; θ = [W (m, C) in C order, b (C,)]."""
     B, m = X.shape

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import loop_grads
 
 import hvp
 
@@ -16,8 +17,7 @@ def test_per_example_quantities_after_pooling_match_a_loop_over_examples():
     net, loss = pooled_mlp(), hvp.CrossEntropyLoss()
     theta, X, y = net.init(0), rng.normal(size=(5, 1, 4, 4)), rng.integers(0, 2, 5)
     pt = hvp.linearize(net, loss, theta, X, y)
-    # each example's term of the mean loss: its own gradient / B, one example at a time
-    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], y[i:i + 1])[1] / 5 for i in range(5)])
+    per_example = loop_grads(net, loss, theta, X, y)
     np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(pt.sum_grad_squared(), (per_example ** 2).sum(axis=0), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(pt.batch_l2(), (per_example ** 2).sum(axis=1), rtol=1e-12, atol=1e-15)
@@ -39,8 +39,7 @@ def test_per_example_quantities_of_a_cnn_match_a_loop_over_examples(kind):
     loss, y = (hvp.CrossEntropyLoss(), rng.integers(0, 3, 6)) if kind == "ce_labels" else (hvp.MSELoss(),
                                                                                            rng.normal(size=(6, 3)))
     pt = hvp.linearize(net, loss, theta, X, y, l2=0.1)  # the L2 term is in no per-example quantity
-    # example n's term of the mean loss (1/B of cross-entropy; 1/(B·C) of MSE, C = 3 on each side)
-    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], y[i:i + 1])[1] / 6 for i in range(6)])
+    per_example = loop_grads(net, loss, theta, X, y)
     np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-16)
     np.testing.assert_allclose(pt.sum_grad_squared(), (per_example ** 2).sum(axis=0), rtol=1e-12, atol=1e-18)
     np.testing.assert_allclose(pt.batch_l2(), (per_example ** 2).sum(axis=1), rtol=1e-12, atol=1e-18)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import conftest
 import numpy as np
 import oracles
 import pytest
@@ -31,10 +32,8 @@ def _share(problem) -> float:
 
 
 def loop_grads(problem) -> np.ndarray:
-    """g_n (B, P), one example at a time through ``hvp.loss_and_grad`` (no L2 term)."""
-    rows = [hvp.loss_and_grad(problem.net, problem.loss, problem.theta, problem.X[n:n + 1], problem.y[n:n + 1])[1]
-            for n in range(problem.B)]
-    return np.stack(rows) * _share(problem)
+    """g_n (B, P) of the problem, one example at a time (conftest.loop_grads)."""
+    return conftest.loop_grads(problem.net, problem.loss, problem.theta, problem.X, problem.y)
 
 
 def loop_factor(problem) -> float:

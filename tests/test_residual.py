@@ -7,6 +7,7 @@ explicit skip connections), differentiated by finite differences in float64.
 import numpy as np
 import oracles
 import pytest
+from conftest import loop_grads
 
 import hvp
 
@@ -127,7 +128,7 @@ def test_per_example_quantities_match_a_loop_over_examples(case):
     net, theta, X, y = case
     loss = hvp.CrossEntropyLoss()
     pt = hvp.linearize(net, loss, theta, X, y, l2=0.2)  # the L2 term is in no per-example quantity
-    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], y[i:i + 1])[1] / 5 for i in range(5)])
+    per_example = loop_grads(net, loss, theta, X, y)
     np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-16)
     np.testing.assert_allclose(pt.sum_grad_squared(), (per_example ** 2).sum(axis=0), rtol=1e-12, atol=1e-18)
     np.testing.assert_allclose(pt.batch_l2(), (per_example ** 2).sum(axis=1), rtol=1e-12, atol=1e-18)
@@ -144,7 +145,7 @@ def test_per_example_quantities_of_a_convolutional_block():
     loss, theta = hvp.MSELoss(), net.init(2)
     X, Y = rng.normal(size=(4, 1, 4, 4)), rng.normal(size=(4, 3))
     pt = hvp.linearize(net, loss, theta, X, Y)
-    per_example = np.array([hvp.loss_and_grad(net, loss, theta, X[i:i + 1], Y[i:i + 1])[1] / 4 for i in range(4)])
+    per_example = loop_grads(net, loss, theta, X, Y)
     np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-16)
     np.testing.assert_allclose(pt.variance(), 4 * (per_example ** 2).sum(axis=0) - per_example.sum(axis=0) ** 2,
                                rtol=1e-10, atol=1e-14)
