@@ -119,6 +119,8 @@ class Linearization:
         Network outputs ``O = f(θ, X)``.
     inputs, targets : ndarray
         X and y as checked and converted (θ's dtype; labels as integers): the batch itself, not a copy.
+    num_examples, num_outputs : int
+        B and C.
     """
 
     def __init__(self, net, loss, theta, X, y, l2):
@@ -126,6 +128,7 @@ class Linearization:
         self.params = net.unflatten(theta)
         self.outputs, self.caches = net.forward_cached(self.params, X)
         self.inputs, self.targets = X, loss.check_target(y, self.outputs)
+        self.num_examples, self.num_outputs = self.outputs.shape
         value, self.loss_cache = loss.forward(self.outputs, self.targets)
         self.grad, self.adjoints = _backward(net, self.params, self.caches,
                                              loss.backward(self.loss_cache), keep_adjoints=True)
@@ -235,6 +238,50 @@ class Linearization:
             return _backward(self.net, self.params, self.caches, u)
         return _backward(self.net, self.params, self.caches, np.ascontiguousarray(u.transpose(1, 0, 2))).T
 
+    def ggn_quadratic(self, V):
+        """``Vᵀ G V`` (k, k) in float64, G the matrix :meth:`ggnvp` multiplies by (L2 term included).
+
+        ``Σ_b (J_b V)ᵀ ∇²ℓ_b (J_b V)`` from one tangent pass and the loss Hessian at the outputs:
+        a third of the work of ``Vᵀ ggnvp(V)``, which would also run the backward pass.
+
+        Parameters
+        ----------
+        V : array_like, shape (P, k)
+
+        Returns
+        -------
+        ndarray, shape (k, k), float64, symmetric
+        """
+        V, _ = self._rows(V)  # (k, P)
+        dO = self._tangents(V)[2]
+        out = np.zeros((V.shape[0],) * 2)
+        if dO is not None:
+            out += np.einsum("kbc,lbc->kl", dO, self.loss_fn.hessian_vp(self.loss_cache, dO), dtype=np.float64)
+        if self.l2:
+            W = V[:, self.weight_mask].astype(np.float64)  # sums of P squares overflow float32
+            out += self.l2 * (W @ W.T)
+        return 0.5 * (out + out.T)
+
+    def loss_at(self, theta):
+        """The loss at another point θ′ on this batch (one forward pass), L2 term included; +inf for NaN/Inf.
+
+        Parameters
+        ----------
+        theta : ndarray, shape (P,), θ's dtype
+            Not checked: the optimizers' trial points.
+
+        Returns
+        -------
+        float
+        """
+        with np.errstate(all="ignore"):
+            O, _ = self.net.forward_cached(self.net.unflatten(theta), self.inputs)
+            value = self.loss_fn.forward(O, self.targets)[0]
+            if self.l2:
+                w = theta[self.weight_mask]
+                value += 0.5 * self.l2 * float(w @ w)
+        return value if np.isfinite(value) else np.inf
+
     # -- per-example quantities (computed in hvp/per_example.py) -------------
     # Convention (as BackPACK's): g_n is example n's term of the loss as reduced (with mean
     # reduction it carries the 1/B, or 1/(B·C) for MSE), Σ_n g_n is the gradient without the
@@ -341,9 +388,13 @@ class Linearization:
             A scipy ``LinearOperator`` (P, P) with ``.factors``, ``.inverse(damping)``,
             ``.diagonal()`` and ``.trace()``.
         """
+        return kfac.KroneckerFactored(self.net, self.kronecker_factors(kind, num_samples, seed), self.l2,
+                                      self.theta.dtype)
+
+    def kronecker_factors(self, kind="exact", num_samples=1, seed=0):
+        """The factors of :meth:`kfac`, ``{layer index: (A, G)}``; arguments as there (see hvp.kfac)."""
         num_samples = kfac.check_kind(kind, num_samples)
-        factors = kfac.batch_factors(self, kind, num_samples, check_seed(seed))
-        return kfac.KroneckerFactored(self.net, factors, self.l2, self.theta.dtype)
+        return kfac.batch_factors(self, kind, num_samples, check_seed(seed))
 
     def diag_ggn_mc(self, num_samples=1, seed=0):
         """Unbiased Monte-Carlo estimate of :meth:`diag_ggn` from targets sampled from the model.

@@ -33,7 +33,10 @@ def check_positive(name, value, allow_zero=False):
 
 
 def batches(data):
-    """``data`` as a list of (X, y) pairs: one pair (X, y) (X an array), or a list of pairs taken in turn."""
+    """``data`` as a list of (X, y) pairs: one pair (X, y) (X an array), or a list of pairs taken in turn;
+    sharded data (with a ``linearize`` method) as ``[(data, None)]``."""
+    if hasattr(data, "linearize"):
+        return [(data, None)]
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
         return [tuple(data)]
     if isinstance(data, (tuple, list)) and data and all(isinstance(b, (tuple, list)) and len(b) == 2 for b in data):
@@ -68,13 +71,15 @@ class Optimizer:
 
     # -- one step ------------------------------------------------------------
 
-    def step(self, X, y):
+    def step(self, X, y=None):
         """One step on the batch (X, y); θ changes only if the step is accepted.
 
         Parameters
         ----------
-        X : array_like, shape (B, in_features)
-        y : array_like, labels (B,) or targets (B, C)
+        X : array_like, shape (B, *in_shape), or hvp.distributed.ShardedData
+            A batch, or (Newton-CG and K-FAC) a data set whose shards live on Dask workers, which
+            then compute the loss, gradient and curvature products.
+        y : array_like, labels (B,) or targets (B, C); None with sharded data
 
         Returns
         -------
@@ -96,19 +101,21 @@ class Optimizer:
         parts += [fmt.format(record[key]) for key, fmt in self.LINE_FIELDS if key in record]
         return "  ".join(parts)
 
-    def _objective(self, theta, X, y, weight_mask):
-        """The objective at θ on a checked batch: one forward pass; +inf where it is NaN or Inf.
+    def _linearize(self, X, y):
+        """The linearization at θ (L2 term included) of a batch (X, y), or of sharded data X (y None)."""
+        if y is None and hasattr(X, "linearize"):  # hvp.distributed.ShardedData: computed on its workers
+            return X.linearize(self.net, self.loss, self.theta, self.l2)
+        if y is None:
+            raise TypeError(f"step takes a batch X, y, or sharded data alone (hvp.distributed.ShardedData); "
+                            f"got X = {describe(X)} and no y")
+        return hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
 
-        X (B, …) and y as checked by the linearization (``pt.inputs``, ``pt.targets``);
-        weight_mask (P,) as ``Linearization.weight_mask``.
-        """
-        with np.errstate(all="ignore"):
-            O, _ = self.net.forward_cached(self.net.unflatten(theta), X)
-            value = self.loss.forward(O, y)[0]
-            if self.l2:
-                w = theta[weight_mask]
-                value += 0.5 * self.l2 * float(w @ w)
-        return value if np.isfinite(value) else np.inf
+    def _loss_and_grad(self, X, y):
+        """Loss and gradient at θ, as :meth:`_linearize` but keeping nothing for products on a local batch."""
+        if y is None:
+            pt = self._linearize(X, y)
+            return pt.loss, pt.grad
+        return hvp.loss_and_grad(self.net, self.loss, self.theta, X, y, l2=self.l2)
 
     # -- the loop ------------------------------------------------------------
 
@@ -117,8 +124,9 @@ class Optimizer:
 
         Parameters
         ----------
-        data : (X, y), or a list of (X, y) batches used in turn
-            X of shape (B, in_features); y labels (B,) or targets (B, C).
+        data : (X, y), a list of (X, y) batches used in turn, or hvp.distributed.ShardedData
+            X of shape (B, *in_shape); y labels (B,) or targets (B, C). Sharded data (Newton-CG and
+            K-FAC): every step uses all of it, computed on its workers.
         max_iters : int
             Most steps to take (accepted or not).
         gtol : float
@@ -163,7 +171,7 @@ class Optimizer:
                 break
         if self.progress == "bar":
             print(file=sys.stderr, flush=True)
-        fun, jac = hvp.loss_and_grad(self.net, self.loss, self.theta, X, y, l2=self.l2)
+        fun, jac = self._loss_and_grad(X, y)
         steps = self.history[start:]
         return OptimizeResult(
             x=self.theta.copy(), fun=fun, jac=jac, nit=len(steps), status=status, success=status == 0,

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 
-import hvp
 from hvp._checks import check_bool
 
 from . import _checkpoint
@@ -34,7 +33,7 @@ class _FirstOrder(Optimizer):
 
     def _step(self, X, y, gtol):
         start = time.perf_counter()
-        value, g = hvp.loss_and_grad(self.net, self.loss, self.theta, X, y, l2=self.l2)
+        value, g = self._loss_and_grad(X, y)
         grad_norm = float(np.linalg.norm(g))
         if gtol is not None and grad_norm <= gtol:
             return None

@@ -294,12 +294,15 @@ class NewtonCG(Optimizer):
             return max(1, min(B, round(self.curvature_batch * B)))
         return min(B, self.curvature_batch)
 
-    def _curvature_operator(self, pt, X, y):
+    def _curvature_operator(self, pt):
         """``v -> B v`` on the curvature batch, scaled to the whole batch's loss; and the next offset."""
-        B = X.shape[0]
+        B = pt.num_examples
         b = self._curvature_rows(B)
         if b == B:
             return (pt.ggnvp if self.curvature == "ggn" else pt.hvp), self._offset
+        if not hasattr(pt, "inputs"):
+            raise TypeError("curvature_batch needs the batch on this machine; with sharded data, leave it None")
+        X, y = pt.inputs, pt.targets
         rows = (self._offset + np.arange(b)) % B
         cpt = hvp.linearize(self.net, self.loss, self.theta, X[rows], y[rows], 0.0)
         product = cpt.ggnvp if self.curvature == "ggn" else cpt.hvp
@@ -324,7 +327,7 @@ class NewtonCG(Optimizer):
                 diag[pt.weight_mask] += diag.dtype.type(self.l2)
             return diagonal_preconditioner(diag)
         if self.precondition == "kfac":
-            kind = kronecker.default_kind(pt.outputs.shape[1])
+            kind = kronecker.default_kind(pt.num_outputs)
             K = pt.kfac(kind=kind, seed=len(self.history))
             floor = 1e-12 * max(K.trace(), 1e-300) / K.shape[0]  # λ = l2 = 0: keep the inverse finite
             return lambda damping: K.inverse(max(damping, floor)).matvec
@@ -332,15 +335,14 @@ class NewtonCG(Optimizer):
 
     def _step(self, X, y, gtol):
         start = time.perf_counter()
-        pt = hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
+        pt = self._linearize(X, y)
         if gtol is not None and np.linalg.norm(pt.grad) <= gtol:
             return None
-        X, y = pt.inputs, pt.targets
-        curvature, next_offset = self._curvature_operator(pt, X, y)
+        curvature, next_offset = self._curvature_operator(pt)
         theta = self.theta
 
         def objective(p):
-            return self._objective(theta + p, X, y, pt.weight_mask)
+            return pt.loss_at(theta + p)
 
         if self.damping is None:  # the curvature along the gradient, gᵀBg / gᵀg: the scale of B where it matters
             g = pt.grad

@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 
-import hvp
 from hvp import kfac as kronecker
 from hvp._checks import check_bool, check_int
 
@@ -190,7 +189,7 @@ class KFAC(Optimizer):
 
     def _step(self, X, y, gtol):
         start = time.perf_counter()
-        pt = hvp.linearize(self.net, self.loss, self.theta, X, y, self.l2)
+        pt = self._linearize(X, y)
         g, f0 = pt.grad, pt.loss
         g_norm = float(np.linalg.norm(g))
         if gtol is not None and g_norm <= gtol:
@@ -207,13 +206,13 @@ class KFAC(Optimizer):
             record["seconds"] = time.perf_counter() - start
             return record
         # 1. the factors' exponential averages (the new batch's factors enter with weight 1 − ε)
-        batch = kronecker.batch_factors(pt, self.kind, self.num_samples, (self.seed, self._k))
+        batch = pt.kronecker_factors(self.kind, self.num_samples, np.random.default_rng((self.seed, self._k)))
         decay = min(1 - 1 / (self._k + 1), self.factor_decay)
         factors = batch if self._factors is None else {
             i: (dt(decay) * A + dt(1 - decay) * batch[i][0], dt(decay) * G + dt(1 - decay) * batch[i][1])
             for i, (A, G) in self._factors.items()}
         curvature = self._curvature
-        refresh = curvature is None or self._since_refresh + 1 >= self._inverse_every(pt.outputs.shape[0])
+        refresh = curvature is None or self._since_refresh + 1 >= self._inverse_every(pt.num_examples)
         if refresh:
             curvature = kronecker.KroneckerFactored(self.net, factors, self.l2, g.dtype)
         damping = self.damping if self.damping is not None else max(curvature.trace() / g.size, 1e-8)
@@ -238,7 +237,7 @@ class KFAC(Optimizer):
         update = V[:, pair] @ coefficients.astype(g.dtype)
         # 4. ρ from one forward pass at the trial point
         trial = self.theta + update
-        f_new = self._objective(trial, pt.inputs, pt.targets, pt.weight_mask)
+        f_new = pt.loss_at(trial)
         accepted, rho, rounding = judge(f0, q, f_new, g.dtype)
         new_damping, new_gamma = damping, (gammas[i] if accepted else gamma)
         if not accepted:
@@ -262,22 +261,11 @@ class KFAC(Optimizer):
 
 
 def _model_matrix(pt, V, damping):
-    """``Vᵀ(G + λI)V`` (k, k) in float64 for V (P, k), G the batch's Gauss-Newton matrix with its L2 term.
-
-    ``VᵀGV = Σ_b (J_b V)ᵀ ∇²ℓ_b (J_b V)``: one tangent pass (``pt.jvp``) and the loss Hessian at the
-    outputs, a third of the work of ``pt.ggnvp(V)``, which would also run the backward pass.
-    """
+    """``Vᵀ(G + λI)V`` (k, k) in float64 for V (P, k), G the batch's Gauss-Newton matrix with its L2 term."""
     if not np.isfinite(V).all():  # the proposal overflowed: no model
         return np.full((V.shape[1],) * 2, np.nan)
-    JV = np.ascontiguousarray(pt.jvp(V).transpose(1, 0, 2))  # (k, B, C)
-    HJV = pt.loss_fn.hessian_vp(pt.loss_cache, JV)
-    H = np.einsum("kbc,lbc->kl", JV, HJV, dtype=np.float64)
-    V = V.astype(np.float64)  # sums of P squares overflow float32 long before the step is useless
-    H += damping * (V.T @ V)
-    if pt.l2:
-        W = V[pt.weight_mask]
-        H += pt.l2 * (W.T @ W)
-    return 0.5 * (H + H.T)
+    V64 = V.astype(np.float64)  # sums of P squares overflow float32 long before the step is useless
+    return pt.ggn_quadratic(V) + damping * (V64.T @ V64)
 
 
 def _solve_small(H, c):

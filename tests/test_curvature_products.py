@@ -48,6 +48,27 @@ def test_hessian_is_symmetric(problem):
 
 
 @pytest.mark.parametrize("l2", L2_VALUES)
+def test_ggn_quadratic_matches_the_reference_ggn(problem, l2):
+    pt = problem.linearize(l2=l2)
+    V = _directions(problem.P, 3, seed=4)
+    G_ref = oracles.ref_ggn(problem.layers, problem.theta, problem.X, problem.y, problem.kind,
+                            problem.reduction, l2=l2)
+    want = V.T @ G_ref @ V
+    got = pt.ggn_quadratic(V)
+    assert got.shape == (3, 3) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * _scale(want))
+
+
+def test_loss_at_is_the_loss_at_another_point(problem):
+    pt = problem.linearize(l2=0.2)
+    other = problem.theta + 0.1 * _directions(problem.P, 1, seed=5)[:, 0]
+    want = oracles.ref_loss(problem.layers, other, problem.X, problem.y, problem.kind, problem.reduction, 0.2)
+    assert pt.loss_at(other) == pytest.approx(want, rel=1e-10)
+    assert pt.loss_at(other) != pytest.approx(pt.loss, rel=1e-6)
+    assert pt.loss_at(np.full(problem.P, np.nan)) == np.inf
+
+
+@pytest.mark.parametrize("l2", L2_VALUES)
 def test_ggn_matches_jt_hl_j(problem, l2):
     pt = problem.linearize(l2=l2)
     G = oracles.dense_matrix(pt.ggnvp, problem.P)

@@ -396,7 +396,7 @@ def test_curvature_batch_rotates_and_is_scaled(reduction, curvature):
     pt = hvp.linearize(net, loss, theta, X, Y, l2)
     starts = []
     for _ in range(4):
-        operator, nxt = opt._curvature_operator(pt, X, Y)
+        operator, nxt = opt._curvature_operator(pt)
         rows = (opt._offset + np.arange(b)) % B
         starts.append(opt._offset)
         if curvature == "ggn":
