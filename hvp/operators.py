@@ -33,7 +33,32 @@ from ._checks import (
 from .products import linearize
 
 
-class _DatasetCurvature(LinearOperator):
+class SymmetricOperator(LinearOperator):
+    """A symmetric (P, P) operator whose products check their argument, so that a wrong shape or a NaN
+    is reported by name rather than as scipy's "dimension mismatch"; subclasses define ``_matmat``."""
+
+    def matvec(self, x):
+        return super().matvec(check_direction("v", x, self.shape[0], self.dtype))
+
+    def matmat(self, X):
+        V = check_direction("V", X, self.shape[0], self.dtype)
+        if V.ndim != 2:
+            raise ValueError(f"V must have shape ({self.shape[0]}, k) with k >= 1, got shape {V.shape}")
+        return super().matmat(V)
+
+    def dot(self, x):
+        if not (isinstance(x, LinearOperator) or np.isscalar(x)):
+            x = check_direction("v", x, self.shape[0], self.dtype)
+        return super().dot(x)
+
+    def _matvec(self, v):
+        return self._matmat(np.reshape(v, (-1, 1)))[:, 0]
+
+    def _adjoint(self):
+        return self
+
+
+class _DatasetCurvature(SymmetricOperator):
     """Shared machinery: per-batch linearizations, weights, block products."""
 
     def __init__(self, net, loss, theta, data, l2=0.0, cache=True):
@@ -100,22 +125,6 @@ class _DatasetCurvature(LinearOperator):
     def _batch_product(self, pt, V):
         raise NotImplementedError
 
-    # The public products check their argument here, so that a wrong shape or a NaN is reported
-    # by name rather than as scipy's "dimension mismatch".
-    def matvec(self, x):
-        return super().matvec(check_direction("v", x, self.shape[0], self.dtype))
-
-    def matmat(self, X):
-        V = check_direction("V", X, self.shape[0], self.dtype)
-        if V.ndim != 2:
-            raise ValueError(f"V must have shape ({self.shape[0]}, k) with k >= 1, got shape {V.shape}")
-        return super().matmat(V)
-
-    def dot(self, x):
-        if not (isinstance(x, LinearOperator) or np.isscalar(x)):
-            x = check_direction("v", x, self.shape[0], self.dtype)
-        return super().dot(x)
-
     def _matmat(self, V):
         V = check_direction("V", V, self.shape[0], self.dtype)
         out = None
@@ -130,12 +139,6 @@ class _DatasetCurvature(LinearOperator):
         if self.l2:
             out[self._weight_mask] += self.dtype.type(self.l2) * V[self._weight_mask]
         return out
-
-    def _matvec(self, v):
-        return self._matmat(np.reshape(v, (-1, 1)))[:, 0]
-
-    def _adjoint(self):
-        return self
 
     def __repr__(self):
         return (f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype}: "
@@ -222,8 +225,16 @@ class EmpiricalFisherOperator(_DatasetCurvature):
     """
 
     def _batch_product(self, pt, V):
-        D = pt.adjoints[-1]  # (B, C): row n is ∇_O ℓ_n / N_b
-        JV = pt.jvp(V)  # (B, k, C)
-        scale = self.dtype.type(self.loss_fn.normalizer(pt.outputs))
-        coefficients = np.einsum("bkc,bc->bk", JV, D) * scale
-        return pt.vjp(coefficients[:, :, None] * D[:, None, :])
+        return empirical_fisher_product(pt, V)
+
+
+def empirical_fisher_product(pt, V):
+    """One batch's ``F_b V`` (P, k) for V (P, k), no L2 term: ``Jᵀ(N_b D ⊙ ⟨D_n, (J V)_n⟩)``, one jvp and one vjp.
+
+    D (B, C) is the output adjoint ``∂L_b/∂O``, row n being ``∇_O ℓ_n / N_b``, N_b the loss's normalizer.
+    """
+    D = pt.adjoints[-1]
+    JV = pt.jvp(V)  # (B, k, C)
+    scale = pt.theta.dtype.type(pt.loss_fn.normalizer(pt.outputs))
+    coefficients = np.einsum("bkc,bc->bk", JV, D) * scale
+    return pt.vjp(coefficients[:, :, None] * D[:, None, :])
