@@ -20,6 +20,7 @@ RUNS = {
     "gradient_noise": ("gradient_noise.py", [], "B_simple"),
     "curvature_spectrum": ("curvature_spectrum.py", ["--out", "spectrum.png", "--checkpoints", "0", "3"],
                            "top-5 eigenvalues"),
+    "distributed_newton_cg": ("distributed_newton_cg.py", ["--shards", "2", "--steps", "2"], "Newton-CG on 5000"),
 }
 NEEDS_SKLEARN = {"train_digits", "cnn_digits", "gradient_noise", "curvature_spectrum"}
 
@@ -30,6 +31,8 @@ def test_example_runs(name, tmp_path, monkeypatch, capsys):
     if name in NEEDS_SKLEARN:
         pytest.importorskip("sklearn")
         pytest.importorskip("matplotlib")
+    if name == "distributed_newton_cg":
+        pytest.importorskip("distributed", reason="the example needs dask and distributed (in the test extra)")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setattr(sys, "argv", [script, *args])

@@ -156,8 +156,8 @@ class ShardedLinearization:
     def _call(self, product, groups, weights, *args):
         """``[Σ_s w_s product(pt_s, *args) for each group]``: one task per worker; arrays in args sent once."""
         client = self.data.client
-        args = [client.scatter(a, broadcast=True, hash=False) if isinstance(a, np.ndarray) else a for a in args]
         start = time.perf_counter()
+        args = [client.scatter(a, broadcast=True, hash=False) if isinstance(a, np.ndarray) else a for a in args]
         futures = [client.submit(_group_sum, g, w, product, *args, workers=[address], allow_other_workers=True,
                                  pure=False)
                    for g, w, (address, _) in zip(groups, weights, self.data.groups)]
