@@ -183,6 +183,16 @@ def test_optimizer_iterates_equal_the_single_process_ones(client, make):
     assert sharded.history[-1]["loss"] < 0.9 * sharded.history[0]["loss"]
 
 
+def test_kfac_with_sampled_factors_is_reproducible_on_sharded_data(client):
+    pr = make_problem(("lin:3:6", "tanh", "lin:6:3"), kind="ce_labels", batch=SPLITS[-1][1], seed=6)
+    data = shards_of(client, pr, "batches")
+    runs = [optimizers.KFAC(pr.net, pr.loss, pr.theta, l2=1e-2) for _ in range(2)]
+    for opt in runs:
+        opt.minimize(data, max_iters=5, gtol=0)
+    np.testing.assert_array_equal(runs[0].theta, runs[1].theta)
+    assert runs[0].history[-1]["trial_loss"] < 0.9 * runs[0].history[0]["loss"]
+
+
 def test_optimizer_checkpoint_resumes_on_sharded_data(client, tmp_path):
     pr = make_problem(("lin:3:6", "tanh", "lin:6:3"), kind="ce_labels", batch=SPLITS[-1][1], seed=7)
     data = shards_of(client, pr, "batches")
