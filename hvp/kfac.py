@@ -123,6 +123,7 @@ class KroneckerFactored(LinearOperator):
         self.factors = [factors[i] for i in self._layers]
         self._weight_mask = net.weight_mask()
         self._eigen = None  # eigendecompositions of the factors, computed once, on the first inverse
+        self._inverses = {}  # γ -> per layer the damped factors' inverses (pi=True)
 
     def _blocks(self, V, apply):
         """``apply(j, M)`` on each layer's matrix W̄ of the rows V (k, P); the results as rows (k, P)."""
@@ -180,7 +181,10 @@ class KroneckerFactored(LinearOperator):
         ``pi=False``, the exact ``(A ⊗ G + γ I)⁻¹``. Both from one eigendecomposition of each factor
         (computed on the first call, reused for every damping): ``A ⊗ G + γ I`` is diagonal in the
         basis ``U_A ⊗ U_G``. With ``l2 = 0`` and ``pi=False`` this is exactly ``(K + damping·I)⁻¹``;
-        with ``l2 > 0`` the bias rows get γ too (keeping each block a Kronecker product).
+        with ``l2 > 0`` the bias rows get γ too (keeping each block a Kronecker product). With
+        ``pi=True`` each product is two matrix products per layer, in θ's dtype, with the damped
+        factors' inverses, formed once per damping value (the last four are kept); with
+        ``pi=False``, four, with the eigenvectors.
 
         Parameters
         ----------
@@ -195,25 +199,35 @@ class KroneckerFactored(LinearOperator):
         gamma = check_real("damping", damping, minimum=0) + self.l2
         if not gamma > 0:
             raise ValueError(f"damping must be > 0 when l2 = 0, got {damping!r}")
-        scales = []
-        for (a, _, g, _), (A, G) in zip(self.eigen(), self.factors):
-            if pi:
-                mean_a, mean_g = np.trace(A) / len(A), np.trace(G) / len(G)
-                pi_ = np.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
-                denominator = np.outer(a + pi_ * np.sqrt(gamma), g + np.sqrt(gamma) / pi_)
-            else:
-                denominator = np.outer(a, g) + gamma
-            scales.append(1 / denominator)
-
-        def apply(j, M):
-            _, U_A, _, U_G = self._eigen[j]
-            return (U_A @ ((U_A.T @ M @ U_G) * scales[j]) @ U_G.T).astype(self.dtype, copy=False)
+        apply = self._factored_inverse(gamma) if pi else self._exact_inverse(gamma)
 
         def matmat(V):
             return self._rows_product(V, apply, 0.0)
 
         return LinearOperator(self.shape, matvec=lambda v: matmat(np.reshape(v, (-1, 1)))[:, 0], matmat=matmat,
                               rmatvec=lambda v: matmat(np.reshape(v, (-1, 1)))[:, 0], dtype=self.dtype)
+
+    def _factored_inverse(self, gamma):
+        """``M -> (A + π√γ I)⁻¹ M (G + √γ/π I)⁻¹`` per layer: two matrix products in θ's dtype with the
+        damped factors' inverses, formed from the eigendecompositions once per γ (the last few γ are kept)."""
+        if gamma not in self._inverses:
+            if len(self._inverses) >= 4:  # an optimizer tries about three γ at a time
+                self._inverses.clear()
+            inverses = []
+            for (a, U_A, g, U_G), (A, G) in zip(self.eigen(), self.factors):
+                mean_a, mean_g = np.trace(A) / len(A), np.trace(G) / len(G)
+                pi_ = np.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+                inverses.append(tuple(((U / (d + c)) @ U.T).astype(self.dtype)
+                                      for d, U, c in ((a, U_A, pi_ * np.sqrt(gamma)), (g, U_G, np.sqrt(gamma) / pi_))))
+            self._inverses[gamma] = inverses
+        inverses = self._inverses[gamma]
+        return lambda j, M: inverses[j][0] @ M @ inverses[j][1]
+
+    def _exact_inverse(self, gamma):
+        """``M -> U_A ((U_Aᵀ M U_G) / (a gᵀ + γ)) U_Gᵀ`` per layer: ``(A ⊗ G + γI)⁻¹`` in the factors' eigenbasis."""
+        bases = [(U_A.astype(self.dtype), U_G.astype(self.dtype), (1 / (np.outer(a, g) + gamma)).astype(self.dtype))
+                 for a, U_A, g, U_G in self.eigen()]
+        return lambda j, M: bases[j][0] @ ((bases[j][0].T @ M @ bases[j][1]) * bases[j][2]) @ bases[j][1].T
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype}: {len(self.factors)} layers>"

@@ -10,7 +10,6 @@ for MSE, as ``torch.nn``); with ``"sum"`` they are added.
 """
 
 import numpy as np
-from scipy.special import expit
 
 from ._checks import check_finite, check_reduction, describe, real_array
 
@@ -274,9 +273,14 @@ class BCEWithLogitsLoss:
         return y
 
     def forward(self, O, y):
-        # log(1 + e^O) − y O, stable for logits of any size
-        value = np.logaddexp(O.dtype.type(0), O) - y * O
-        q = expit(O)
+        # log(1 + e^O) − y O = max(O, 0) − y O + log(1 + e^−|O|), stable for logits of any size; and
+        # q = sigmoid(O) = 1/(1 + e^−|O|) or e^−|O|/(1 + e^−|O|): one exponential for both
+        e = np.exp(-np.abs(O))
+        value = np.maximum(O, 0)
+        value -= y * O
+        value += np.log1p(e)
+        q = np.where(O >= 0, 1, e)
+        q /= 1 + e
         return float(value.sum()) / self.normalizer(O), {"q": q, "y": y, "N": self.normalizer(O)}
 
     def backward(self, cache):
