@@ -16,6 +16,8 @@ calls each function once; medians):
 - sum_grad_squared, batch_l2, variance, diag_ggn: ``linearize`` + the quantity; BackPACK's SumGradSquared,
   BatchL2Grad, Variance, DiagGGNExact: forward and backward with the extension (the residual net through
   ``backpack.extend(..., use_converter=True)``).
+- diag_hessian (LeNet-5 only): ``linearize`` + the exact Hessian diagonal; BackPACK's DiagHessian. With ReLU
+  (σ″ = 0) it equals diag_ggn, so this row times the walk itself, not the activations' curvature columns.
 
 ÷ grad is a time over our own gradient's, hvp ÷ peer our time over the peer's on the same row; peak MB is
 what tracemalloc saw during one call of hvp's function. Goals are checked at the end. PyTorch and BackPACK
@@ -39,6 +41,7 @@ import hvp
 TOL = 1e-4  # relative agreement with torch required at the start (float32)
 PER_EXAMPLE = {"sum_grad_squared": ("SumGradSquared", "sum_grad_squared"), "batch_l2": ("BatchL2Grad", "batch_l2"),
                "variance": ("Variance", "variance"), "diag_ggn": ("DiagGGNExact", "diag_ggn_exact")}
+BACKPACK_ROWS = {**PER_EXAMPLE, "diag_hessian": ("DiagHessian", "diag_h")}  # name -> (extension, attribute)
 PRODUCTS = ("linearize + hvp (once)", "hvp (repeated)", "ggnvp (repeated)")
 
 
@@ -56,7 +59,8 @@ def resnet():
                           hvp.AvgPool2d(8), hvp.Flatten(), hvp.Linear(16 * 4 * 4, 10))
 
 
-NETS = {"LeNet-5, 1×28×28": (lenet, (1, 28, 28)), "ResNet-style, 3×32×32": (resnet, (3, 32, 32))}
+NETS = {"LeNet-5, 1×28×28": (lenet, (1, 28, 28), (*PER_EXAMPLE, "diag_hessian")),
+        "ResNet-style, 3×32×32": (resnet, (3, 32, 32), tuple(PER_EXAMPLE))}  # net, input shape, rows against BackPACK
 
 
 def problem(make, shape, batch, seed=0):
@@ -70,7 +74,7 @@ def problem(make, shape, batch, seed=0):
     return net, theta, X, y, v
 
 
-def ours(net, theta, X, y, v):
+def ours(net, theta, X, y, v, rows):
     loss = hvp.CrossEntropyLoss()
     pt = hvp.linearize(net, loss, theta, X, y)
     fns = {"gradient": lambda: hvp.loss_and_grad(net, loss, theta, X, y),
@@ -79,7 +83,7 @@ def ours(net, theta, X, y, v):
            "hvp (repeated)": lambda: pt.hvp(v),
            "ggnvp (repeated)": lambda: pt.ggnvp(v)}
     failed = {}
-    for name in PER_EXAMPLE:
+    for name in rows:
         try:
             getattr(pt, name)()
             fns[name] = lambda name=name: getattr(hvp.linearize(net, loss, theta, X, y), name)()
@@ -176,19 +180,19 @@ def torch_setup(model, X, y, v):
     return fns, check
 
 
-def backpack_setup(model, X, y, residual):
+def backpack_setup(model, X, y, residual, rows):
     """Name -> function for BackPACK's extensions that run on this model, a name -> why for those that don't."""
     try:
         import backpack
         import backpack.extensions as ext
         import torch
     except ImportError as error:
-        return {}, {name: f"not installed ({error.name})" for name in PER_EXAMPLE}
+        return {}, {name: f"not installed ({error.name})" for name in rows}
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # X needs no gradient
     try:
         model = backpack.extend(copy.deepcopy(model), use_converter=residual)
     except Exception as error:  # any failure of the converter means "n/a"
-        return {}, {name: f"extend failed: {error}" for name in PER_EXAMPLE}
+        return {}, {name: f"extend failed: {error}" for name in rows}
     params = list(model.parameters())
     lossfunc = backpack.extend(torch.nn.CrossEntropyLoss())
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
@@ -200,7 +204,8 @@ def backpack_setup(model, X, y, residual):
         return params
 
     fns, failed = {}, {}
-    for name, (cls, _) in PER_EXAMPLE.items():
+    for name in rows:
+        cls = BACKPACK_ROWS[name][0]
         try:
             run(cls)
             fns[name] = lambda cls=cls: run(cls)
@@ -213,15 +218,15 @@ def backpack_agreement(fns, pt, batch):
     """max |hvp − BackPACK| / max |BackPACK| per quantity (Variance × B², batch_l2 summed over parameters)."""
     out = {}
     for name, fn in fns.items():
-        tensors = [getattr(p, PER_EXAMPLE[name][1]) for p in fn()]
+        tensors = [getattr(p, BACKPACK_ROWS[name][1]) for p in fn()]
         ref = sum(t.numpy() for t in tensors) if name == "batch_l2" else flat(tensors)
         out[name] = rel(getattr(pt, name)(), ref * (batch**2 if name == "variance" else 1))
     return out
 
 
-def bench(label, make, shape, args, have_torch):
+def bench(label, make, shape, rows, args, have_torch):
     net, theta, X, y, v = problem(make, shape, args.batch)
-    mine, pt, failed = ours(net, theta, X, y, v)
+    mine, pt, failed = ours(net, theta, X, y, v, rows)
     providers, failed = {"hvp": mine}, {("hvp", k): why for k, why in failed.items()}
     if have_torch:
         model = torch_model(net, theta)
@@ -232,7 +237,7 @@ def bench(label, make, shape, args, have_torch):
             raise SystemExit(f"{label}: hvp and torch disagree beyond {TOL:g} (relative): {errors}")
         errors.update({"hvp": rel(pt.hvp(v), check[3]), "ggnvp": rel(pt.ggnvp(v), check[4])})
         residual = any(isinstance(layer, hvp.Residual) for layer in net.layers)
-        providers["BackPACK"], why = backpack_setup(model, X, y, residual)
+        providers["BackPACK"], why = backpack_setup(model, X, y, residual, rows)
         failed.update({("BackPACK", k): reason for k, reason in why.items()})
     fns = {(who, key): fn for who, table in providers.items() for key, fn in table.items()}
     times = common.median_seconds(fns, args.repeats)
@@ -243,8 +248,8 @@ def bench(label, make, shape, args, have_torch):
     print(f"\n{label}: P = {net.num_params}")
     print(f"{'quantity':<24}{'hvp ms':>9}{'÷ grad':>8}{'peak MB':>9}{'PyTorch ms':>12}{'BackPACK ms':>13}"
           f"{'hvp ÷ peer':>12}")
-    for key in ("gradient", "linearize", *PRODUCTS, *PER_EXAMPLE):
-        peer = "BackPACK" if key in PER_EXAMPLE else "PyTorch"
+    for key in ("gradient", "linearize", *PRODUCTS, *rows):
+        peer = "BackPACK" if key in BACKPACK_ROWS else "PyTorch"
         time, theirs = ours_t.get(key), t.get(peer, {}).get(key)
         if time:
             row = f"{key:<24}{1e3 * time:>9.2f}{time / ours_t['gradient']:>8.2f}{mem[key] / 2**20:>9.1f}"
@@ -309,8 +314,8 @@ def main():
     if torch is None:
         print("PyTorch is not installed: timing hvp only (pip install torch backpack-for-pytorch for the peers)")
     summary = []
-    for label, (make, shape) in NETS.items():
-        summary += goals(label, bench(label, make, shape, args, torch is not None))
+    for label, (make, shape, rows) in NETS.items():
+        summary += goals(label, bench(label, make, shape, rows, args, torch is not None))
     print(f"\nload average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}\ngoals:")
     print("\n".join(summary))
 

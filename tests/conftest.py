@@ -267,3 +267,25 @@ def logreg():
                                   method="L-BFGS-B", options={"gtol": 1e-11, "ftol": 0.0, "maxiter": 20000})
     assert np.linalg.norm(res.jac) < 1e-7, res.message
     return LogReg(hvp.Sequential(hvp.Linear(m, C)), hvp.CrossEntropyLoss(), X, y, l2, res.x, res.nit)
+
+
+# --------------------------------------------------------------------------- Hessian diagonals
+
+
+def dense_diagonal(pt, P):
+    """``np.diag`` of the dense Hessian ``pt.hvp(np.eye(P))``."""
+    return np.diag(pt.hvp(np.eye(P, dtype=pt.theta.dtype)))
+
+
+def fd_hessian_diagonal(f, theta, rel_step=2e-4):
+    """``∂²f/∂θ_i²`` (P,) by second central differences of f, in float64, steps as oracles.fd_gradient's."""
+    theta = np.array(theta, dtype=np.float64)
+    h = rel_step * np.maximum(1.0, np.abs(theta))
+    f0 = f(theta)
+    out = np.empty_like(theta)
+    for i in range(theta.size):
+        tp, tm = theta.copy(), theta.copy()
+        tp[i] += h[i]
+        tm[i] -= h[i]
+        out[i] = (f(tp) - 2 * f0 + f(tm)) / ((tp[i] - theta[i]) * (theta[i] - tm[i]))
+    return out

@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import oracles
 import pytest
-from conftest import ARCHS
+from conftest import ARCHS, dense_diagonal, fd_hessian_diagonal
 
 import hvp
 from hvp.diag_hessian import diag_hessian
@@ -44,24 +44,6 @@ def _close(got, want, rtol):
     scale = float(np.max(np.abs(want)))
     assert scale > 0
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
-
-
-def fd_hessian_diagonal(f, theta, rel_step=2e-4):
-    """``∂²f/∂θ_i²`` (P,) by second central differences of f, in float64, steps as oracles.fd_gradient's."""
-    theta = np.array(theta, dtype=np.float64)
-    h = rel_step * np.maximum(1.0, np.abs(theta))
-    f0 = f(theta)
-    out = np.empty_like(theta)
-    for i in range(theta.size):
-        tp, tm = theta.copy(), theta.copy()
-        tp[i] += h[i]
-        tm[i] -= h[i]
-        out[i] = (f(tp) - 2 * f0 + f(tm)) / ((tp[i] - theta[i]) * (theta[i] - tm[i]))
-    return out
-
-
-def dense_diagonal(pt, P):
-    return np.diag(pt.hvp(np.eye(P, dtype=pt.theta.dtype)))
 
 
 # --------------------------------------------------------------------------- the oracle itself
@@ -166,11 +148,11 @@ def test_leaves_linearization_unchanged(make_problem):
     np.testing.assert_array_equal(diag_hessian(pt), first)
 
 
-# --------------------------------------------------------------------------- layers it cannot handle
+# --------------------------------------------------------------------------- layers through the contract alone
 
 
 class _Wrapped:
-    """Duck-typed layer delegating to an hvp layer, but not an instance of Linear or Elementwise."""
+    """Duck-typed layer delegating to an hvp layer, but not an instance of any hvp layer class."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -182,11 +164,44 @@ class _Wrapped:
         return f"_Wrapped({self.inner!r})"
 
 
-@pytest.mark.parametrize("inner", [hvp.Linear(4, 3), hvp.Tanh()], ids=["with-parameters", "parameter-free"])
-def test_rejects_unknown_layers(inner):
-    net = hvp.Sequential(hvp.Linear(3, 4), hvp.Tanh(), _Wrapped(inner),
-                         *([hvp.Linear(4, 3)] if isinstance(inner, hvp.Tanh) else []))
+class _FourRulesOnly(_Wrapped):
+    """Keeps the four rules of the contract and hides every other rule of the layer it wraps."""
+
+    RULES = ("forward", "backward_input", "backward_params", "tangent", "tangent_backward", "param_shapes",
+             "out_shape", "init_bounds", "fan_in")
+
+    def __getattr__(self, name):
+        if name not in self.RULES:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _two_examples(net):
     rng = np.random.default_rng(0)
-    pt = hvp.linearize(net, hvp.MSELoss(), net.init(seed=0), rng.standard_normal((2, 3)), rng.standard_normal((2, 3)))
-    with pytest.raises(TypeError, match="layer 2: _Wrapped"):
+    return hvp.linearize(net, hvp.MSELoss(), net.init(seed=0), rng.standard_normal((2, 3)),
+                         rng.standard_normal((2, 3)))
+
+
+@pytest.mark.parametrize("inner", [hvp.Linear(4, 3), hvp.Tanh()], ids=["with-parameters", "parameter-free"])
+def test_layers_keeping_the_contract_need_no_family(inner):
+    layers = (hvp.Linear(3, 4), hvp.Tanh(), inner, *([hvp.Linear(4, 3)] if isinstance(inner, hvp.Tanh) else []))
+    pt = _two_examples(hvp.Sequential(*layers[:2], _Wrapped(inner), *layers[3:]))
+    want = diag_hessian(_two_examples(hvp.Sequential(*layers)))
+    _close(diag_hessian(pt), want, rtol=1e-14)
+    _close(want, dense_diagonal(pt, pt.theta.size), rtol=1e-12)
+
+
+@pytest.mark.parametrize("inner", [hvp.Linear(4, 3), hvp.Tanh()], ids=["with-parameters", "parameter-free"])
+def test_rejects_layers_without_the_hessian_diagonal_rules(inner):
+    net = hvp.Sequential(hvp.Linear(3, 4), hvp.Tanh(), _FourRulesOnly(inner),
+                         *([hvp.Linear(4, 3)] if isinstance(inner, hvp.Tanh) else []))
+    pt = _two_examples(net)
+    with pytest.raises(TypeError, match=r"input_curvature.*layer 2: _FourRulesOnly .* has none"):
         diag_hessian(pt)
+
+
+def test_rejects_such_a_layer_inside_a_residual_block_naming_both():
+    net = hvp.Sequential(hvp.Linear(3, 4), hvp.Residual(hvp.Linear(4, 4), _FourRulesOnly(hvp.Tanh())),
+                         hvp.Linear(4, 3))
+    with pytest.raises(TypeError, match=r"layer 1 of the block at layer 1: _FourRulesOnly _Wrapped\(Tanh\(\)\) has"):
+        diag_hessian(_two_examples(net))

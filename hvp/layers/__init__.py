@@ -27,12 +27,29 @@ rule                  method                                       shapes
 
 Layers with parameters may also give per-example pieces (:mod:`hvp.per_example`), from their cache
 and output-side adjoints: ``batch_grad(p, cache, DO, out, rows)`` (the examples ``rows``' gradients
-into views ``out`` of shape (b, *shape)), ``grad_squares(p, cache, D, out, scale=None)``
-(``Σ_{k,b} g_kb²`` for adjoints ``scale ⊙ D_k``, D (K, B, n)) and ``batch_l2(p, cache, DO)`` ((B,)); and
+into views ``out`` of shape (b, *shape)), ``grad_squares(p, cache, D, out, scale=None, weights=None)``
+(``Σ_{k,b} w_kb g_kb²`` for adjoints ``scale ⊙ D_k``, D (K, B or 1, n), weights w (K, B) of either sign or None
+for 1) and ``batch_l2(p, cache, DO)`` ((B,)); and
 K-FAC's Kronecker factors (:mod:`hvp.kfac`):
 ``kronecker_factors(cache, D) -> (A, G)`` for output-side columns D (K, B, n), and their
 parameters as one matrix, ``kronecker_matrix(p) -> W̄`` (..., rows, cols) with
 ``from_kronecker_matrix(W̄, out)`` writing it back, so that the block is ``W̄ -> A W̄ G``.
+
+The exact Hessian diagonal (:mod:`hvp.diag_hessian`) carries columns v of ``∇²_O L_b = Σ_k c_kb v_kb v_kbᵀ``
+back by ``backward_input``, which also takes columns shared by every example, DO (K, 1, n) (kept shared or
+broadcast to B), and a diagonal term ``diag(d_b)`` as long as it stays one. Every layer states its own
+curvature in its input, ``input_curvature(p, cache, DO)``: the diagonal (B, m) of ``Σ_j DO_j ∇²_I O_j``
+(``σ″ ⊙ DO``), or None where that is zero (layers linear in I on each piece). A layer each of whose outputs
+copies one input entry keeps a diagonal one, ``backward_diagonal(p, cache, d)`` = ``(J∘J)ᵀ d`` = diag(Jᵀ diag(d) J),
+d (B, n) -> (B, m) (activations, max pooling, Flatten); one whose Jacobian is diagonal gives it,
+``jacobian_diagonal(p, cache) -> σ′`` (B, m), for columns to carry as a factor. Layers with parameters read
+a diagonal term d (B, n) at their output, ``diagonal_squares(p, cache, d, out)`` =
+``Σ_b diag(J_bᵀ diag(d_b) J_b)``, J_b = ∂O_b/∂θ (Linear ``(I²)ᵀ d``; a convolution the same from squared
+patches), and columns by ``grad_squares`` with weights c. One whose parameters each reach one output entry
+per example (Linear) sets ``output_diagonal_only = True``: the diagonal of ∇²_O L is all it needs, summed
+over every term and read once by ``diagonal_squares``. A block ``O = I + f(I)`` gives instead
+``branch(p, cache, DO, out)``: per layer of f, ``(layer, p_j, cache_j, DO_j, out_j)``, DO_j the adjoint at
+its output and out_j its views into ``out``.
 
 ``p`` is the layer's dict of parameter views (``net.unflatten``), ``cache``
 what ``forward`` returned, ``param_shapes()`` the names and shapes of the parameters in θ's

@@ -9,6 +9,7 @@ derivatives so that they may reuse it. The four rules of the layer contract
 - backward: ``DI = σ′(I) ⊙ DO``
 - tangent backward: ``DI_k += σ″(I) ⊙ İ_k ⊙ DOD``, ``DİD_k = σ′(I) ⊙ DOD_k``
   (summed over k for a loss on input tangents: ``DI += σ″(I) ⊙ Σ_k DOD_k ⊙ İ_k``)
+- Hessian diagonal: curvature ``σ″(I) ⊙ DO`` at the input, a diagonal d carried back as ``σ′² ⊙ d``
 
 σ′ and σ″ are computed at most once per forward pass and kept in the cache.
 A σ″ that is identically zero is returned as the scalar 0, and its terms are
@@ -87,6 +88,21 @@ class Elementwise:
         if not summed:
             return d2 * DOD * dI, None
         return d2 * (DOD * dI).sum(axis=0), None
+
+    # -- the Hessian diagonal (hvp.diag_hessian) ----------------------------------------------------
+
+    def input_curvature(self, p, cache, DO):
+        """``σ″(I) ⊙ DO`` (B, n), the diagonal Hessian of ``DO·σ(I)`` in I; None when σ″ ≡ 0."""
+        d2 = self._d2(cache)
+        return None if _is_zero(d2) else d2 * DO
+
+    def jacobian_diagonal(self, p, cache):
+        """``σ′(I)`` (B, n): the Jacobian is diagonal."""
+        return self._d1(cache)
+
+    def backward_diagonal(self, p, cache, d):
+        """``σ′² ⊙ d`` = diag(J diag(d) J) for a diagonal d (B, n) at the output."""
+        return np.square(self._d1(cache)) * d
 
 
 class Identity(Elementwise):

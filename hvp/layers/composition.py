@@ -287,10 +287,27 @@ class Residual:
         """Per-example gradients of f's parameters, each layer's own rule on the adjoint at its output."""
         self._through(p, cache, DO, lambda j, layer, q, c, D: layer.batch_grad(q, c, D, self._sub_views(j, out), rows))
 
-    def grad_squares(self, p, cache, D, out, scale=None):
-        """``Σ_{k,b} g_kb²`` of f's parameters for adjoints ``scale ⊙ D_k``, D (K, B, …)."""
+    def grad_squares(self, p, cache, D, out, scale=None, weights=None):
+        """``Σ_{k,b} w_kb g_kb²`` of f's parameters for adjoints ``scale ⊙ D_k``, D (K, B or 1, …), w (K, B) or None."""
         self._through(p, cache, D if scale is None else D * scale,
-                      lambda j, layer, q, c, Dj: layer.grad_squares(q, c, Dj, self._sub_views(j, out)))
+                      lambda j, layer, q, c, Dj: layer.grad_squares(q, c, Dj, self._sub_views(j, out),
+                                                                    weights=weights))
+
+    def branch(self, p, cache, DO, out):
+        """f's layers for the Hessian diagonal: ``(layer, p_j, cache_j, DO_j, out_j)`` per layer of f, DO_j the
+        adjoint at its output for the block's output adjoint DO (those kept by the gradient's pass, or carried
+        back through f again) and out_j its views into ``out``."""
+        kept = cache.get("adjoints")
+        if kept is not None and kept[0] is DO and all(a is not None for a in kept[1]):
+            adjoints = kept[1]
+        else:
+            adjoints, D = [None] * len(self.layers), DO
+            for j in reversed(range(len(self.layers))):
+                adjoints[j] = D
+                if j > 0:
+                    D = self.layers[j].backward_input(self._split(p)[j] or {}, cache["caches"][j], D)
+        return [(layer, q or {}, c, a, self._sub_views(j, out))
+                for j, (layer, q, c, a) in enumerate(zip(self.layers, self._split(p), cache["caches"], adjoints))]
 
     def batch_l2(self, p, cache, DO):
         """``‖g_b‖²`` (B,) of f's parameters."""

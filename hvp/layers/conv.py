@@ -11,7 +11,9 @@ unfold, wherever an input-side quantity comes back:
 
 1. forward ``O = U W_gᵀ + b``; 2. backward ``DI = fold(DO W_g)``, ``DW_g = DOᵀ U``, ``Db = Σ DO``;
 3. tangent ``Ȯ = unfold(İ) W_gᵀ + U Ẇ_gᵀ + ḃ``;
-4. cross terms ``DI_k = fold(DOD Ẇ_k,g)``, ``DW_k = DODᵀ unfold(İ_k)``.
+4. cross terms ``DI_k = fold(DOD Ẇ_k,g)``, ``DW_k = DODᵀ unfold(İ_k)``;
+
+and for the Hessian diagonal, a diagonal d at the output reads ``dᵀ (U²)`` (rule 2 with squared patches).
 
 Conv1d is Conv2d on inputs of height 1, with the weight viewed as (O, C/G, 1, k).
 """
@@ -204,11 +206,11 @@ class _Conv:
         return O, {"U": U, "shape": I.shape, "sizes": sizes}
 
     def backward_input(self, p, cache, DO):
-        """Rule 2: ``DI = fold(DO W_g)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W)."""
-        lead = DO.shape[:-2 - self.spatial]
+        """Rule 2: ``DI = fold(DO W_g)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W), B or 1 (shared)."""
+        lead = DO.shape[:-1 - self.spatial]  # the batch axis included: it may be 1
         DO = DO.reshape((-1,) + DO.shape[-1 - self.spatial:])
         DI = self._fold_product(self._to_rows(DO)[None], p["weight"][None], cache)
-        return DI.reshape(lead + tuple(cache["shape"]))
+        return DI.reshape(lead + tuple(cache["shape"][1:]))
 
     def _param_grads(self, R, U, out, bias_from):
         """``DW = Rᵀ U`` per group and direction into ``out``; R (..., N·L, G, O/G), U (..., N·L, G, J)."""
@@ -273,17 +275,16 @@ class _Conv:
             grads = {"weight": grads["weight"]}
         return DI, grads
 
-
     # -- per-example pieces (hvp.per_example) ------------------------------------------------------
 
     PER_EXAMPLE_BYTES = 16 << 20  # per-example gradients are formed in blocks of examples of about this size
 
     def _example_grads(self, cache, D, rows):
-        """Per-example weight gradients (K, b, O, C/G, *kernel) of the examples ``rows`` for D (K, B, O, …):
-        ``g_kb = Σ_l D_kbl ⊗ U_bl`` per group, the sum over output positions l one matmul."""
+        """Per-example weight gradients (K, b, O, C/G, *kernel) of the examples ``rows`` from their adjoints
+        D (K, b, O, …): ``g_kb = Σ_l D_kbl ⊗ U_bl`` per group, the sum over output positions l one matmul."""
         B, G = cache["shape"][0], self.groups
         U = cache["U"].reshape(B, -1, G, cache["U"].shape[-1])[rows]  # (b, L, G, J)
-        R = self._to_rows(D[:, rows])  # (K, b·L, G, O/G)
+        R = self._to_rows(D)  # (K, b·L, G, O/G)
         R = R.reshape((R.shape[0],) + U.shape[:3] + (-1,))  # (K, b, L, G, O/G)
         g = np.matmul(R.transpose(0, 1, 3, 4, 2), U.transpose(0, 2, 1, 3))  # (K, b, G, O/G, J)
         return g.reshape(g.shape[:2] + (self.out_channels, self.in_channels // G) + self.kernel_size)
@@ -300,26 +301,44 @@ class _Conv:
 
     def batch_grad(self, p, cache, DO, out, rows=slice(None)):
         """Per-example gradients of the examples ``rows``: weight (b, O, C/G, *kernel), bias (b, O)."""
-        out["weight"][...] = self._example_grads(cache, DO[None], rows)[0]
+        out["weight"][...] = self._example_grads(cache, DO[None, rows], rows)[0]
         if self.bias:
             out["bias"][...] = self._bias_grads(DO[rows])
 
-    def grad_squares(self, p, cache, D, out, scale=None):
-        """``Σ_{k,b} (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B, O, …): per-example gradients
-        formed a block of examples at a time (the squares do not factor over positions)."""
-        if scale is not None:
-            D = D * scale
-        out["weight"][...] = 0
-        for rows in self._blocks(cache, D.shape[0]):
-            out["weight"] += np.square(self._example_grads(cache, D, rows)).sum(axis=(0, 1))
-        if self.bias:
-            out["bias"][...] = np.square(self._bias_grads(D)).sum(axis=(0, 1))
+    def grad_squares(self, p, cache, D, out, scale=None, weights=None):
+        """``Σ_{k,b} w_kb (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, O, …), weights w (K, B) or
+        None for 1: per-example gradients formed a block of examples at a time (the squares do not factor over
+        positions), the σ′ factor applied per block."""
+        K, B = D.shape[0], cache["shape"][0]
+        D = np.broadcast_to(D, (K, B) + D.shape[2:])  # columns shared by every example
+        for view in out.values():
+            view[...] = 0
+        for rows in self._blocks(cache, K):
+            DO = D[:, rows] if scale is None else D[:, rows] * scale[rows]
+            g2 = np.square(self._example_grads(cache, DO, rows))  # (K, b, O, C/G, *kernel)
+            b2 = np.square(self._bias_grads(DO)) if self.bias else None  # (K, b, O)
+            if weights is not None:
+                w = weights[:, rows]
+                g2 *= w.reshape(w.shape + (1,) * (g2.ndim - 2))
+                b2 = None if b2 is None else b2 * w[..., None]
+            out["weight"] += g2.sum(axis=(0, 1))
+            if self.bias:
+                out["bias"] += b2.sum(axis=(0, 1))
+
+    def diagonal_squares(self, p, cache, d, out):
+        """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, O, …) at the output: rule 2's ``DW_g = dᵀ U``
+        with squared patches, ``dᵀ (U²)``, and ``Σ d`` over examples and positions for the bias."""
+        self._param_grads(self._to_rows(d), np.square(cache["U"]), out, d)
+
+    def input_curvature(self, p, cache, DO):
+        """None: O is linear in I."""
+        return None
 
     def batch_l2(self, p, cache, DO):
         """``‖g_b‖²`` (B,)."""
         parts = []
         for rows in self._blocks(cache, 1):
-            g = self._example_grads(cache, DO[None], rows)[0]
+            g = self._example_grads(cache, DO[None, rows], rows)[0]
             parts.append(np.square(g.reshape(len(g), -1)).sum(axis=1))
         norms = np.concatenate(parts)
         if self.bias:

@@ -16,6 +16,8 @@ class Linear:
         Whether the layer has the bias ``b``.
     """
 
+    output_diagonal_only = True  # the Hessian diagonal: W_mn and b_n reach only the output entry n of each example
+
     def __init__(self, in_features, out_features, bias=True):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -123,15 +125,31 @@ class Linear:
         if self.bias:
             out["bias"][...] = DO
 
-    def grad_squares(self, p, I, D, out, scale=None):
-        """``Σ_{k,b} (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B, n): weight ``(I²)ᵀ Σ_k DO_k²``,
-        bias ``Σ_{k,b} DO_k²`` — one matmul; the σ′ factor ``scale`` (B, n) is applied to the squares."""
-        DO2 = np.einsum("kbn,kbn->bn", D, D)
+    def grad_squares(self, p, I, D, out, scale=None, weights=None):
+        """``Σ_{k,b} w_kb (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, n), w (K, B) or None for 1:
+        weight ``(I²)ᵀ Σ_k w_k DO_k²``, bias ``Σ_{k,b} w_k DO_k²`` — one matmul; the σ′ factor ``scale`` (B, n) is
+        applied to the squares, and columns shared by every example (D (K, 1, n)) cost one (B, K)·(K, n) product."""
+        B = I.shape[0]
+        if D.shape[1] == 1 and B != 1:
+            D2 = np.square(D[:, 0])  # (K, n)
+            DO2 = np.ascontiguousarray(weights.T) @ D2 if weights is not None else np.tile(D2.sum(axis=0), (B, 1))
+        elif weights is None:
+            DO2 = np.einsum("kbn,kbn->bn", D, D)
+        else:
+            DO2 = np.einsum("kb,kbn,kbn->bn", weights, D, D)
         if scale is not None:
             DO2 *= np.square(scale)
-        np.matmul(np.square(I).T, DO2, out=out["weight"])
+        self.diagonal_squares(p, I, DO2, out)
+
+    def diagonal_squares(self, p, I, d, out):
+        """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, n) at the output: weight ``(I²)ᵀ d``, bias ``Σ d``."""
+        np.matmul(np.square(I).T, d, out=out["weight"])
         if self.bias:
-            np.sum(DO2, axis=0, out=out["bias"])
+            np.sum(d, axis=0, out=out["bias"])
+
+    def input_curvature(self, p, I, DO):
+        """None: O is linear in I."""
+        return None
 
     def batch_l2(self, p, I, DO):
         """``‖g_b‖²`` (B,): ``‖I_b‖² ‖DO_b‖² (+ ‖DO_b‖² for the bias)``."""

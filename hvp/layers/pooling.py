@@ -5,7 +5,8 @@ cross terms. Max pooling is piecewise linear: within the piece where the forward
 maxima it copies the input entry at each window's maximum, so its tangent copies the input
 tangent from the same place and its backward rule adds each adjoint back there. Ties go to the
 first maximum in the window, rows before columns (as PyTorch's CPU kernels); at a tie the map is
-not differentiable and the rules give the derivative of that one piece.
+not differentiable and the rules give the derivative of that one piece. As each output of max pooling and
+Flatten copies one input entry, a diagonal Hessian at their output comes back diagonal (``backward_diagonal``).
 """
 
 import numpy as np
@@ -76,6 +77,10 @@ class _Pool:
         """No cross terms: the map is linear (average) or linear on the piece the forward pass found (max)."""
         return None, None
 
+    def input_curvature(self, p, cache, DO):
+        """None: the map is linear (average), or linear on the piece the forward pass found (max)."""
+        return None
+
     def _flat(self, X):
         """X (..., C, [H,] W) -> (N, C, [H,] W), all leading axes (batch, directions) folded into one."""
         return X.reshape((-1,) + X.shape[X.ndim - 1 - self.spatial:])
@@ -91,14 +96,19 @@ class _MaxPool(_Pool):
         return self._out(O), {"where": where, "shape": I.shape}
 
     def backward_input(self, p, cache, DO):
-        """Rule 2: each adjoint added to the input entry where its window's maximum was; DO (..., B, C, …)."""
+        """Rule 2: each adjoint added to the input entry where its window's maximum was; DO (..., B or 1, C, …)."""
         shape = cache["shape"]
         lead = DO.shape[:DO.ndim - 2 - self.spatial]
+        DO = np.broadcast_to(DO, lead + tuple(shape[:1]) + DO.shape[DO.ndim - 1 - self.spatial:])  # shared columns
         D2 = DO if self.spatial == 2 else DO[..., None, :]  # (..., B, C, Ho, Wo)
         D = np.zeros(D2.shape + (int(np.prod(self._kernel)),), dtype=DO.dtype)
         np.put_along_axis(D, np.broadcast_to(cache["where"], D2.shape + (1,)), D2[..., None], axis=-1)
         DI = self._fold(D.reshape((-1,) + D.shape[-4:]), shape)
         return DI.reshape(lead + tuple(shape))
+
+    def backward_diagonal(self, p, cache, d):
+        """``Jᵀ d`` = diag(Jᵀ diag(d) J): each output copies one input entry, so J's entries are 0 or 1, one per row."""
+        return self.backward_input(p, cache, d)
 
     def tangent(self, p, cache, dI, dp):
         """Rule 3: ``Ȯ_k`` = İ_k at each window's maximum; dI (k, B or 1, C, …) -> (k, B, C, …)."""
@@ -190,4 +200,11 @@ class Flatten:
 
     def tangent_backward(self, p, shape, dI, dp, DOD, need_input=True, summed=False):
         return None, None
+
+    def input_curvature(self, p, shape, DO):
+        return None
+
+    def backward_diagonal(self, p, shape, d):
+        """A permutation: a diagonal stays one, reshaped."""
+        return self.backward_input(p, shape, d)
 
