@@ -57,14 +57,6 @@ def test_small_blocks_of_examples_give_the_same_squares(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-18)
 
 
-@pytest.mark.parametrize("quantity", ["diag_hessian"])
-def test_diag_hessian_refuses_convolutions(quantity):
-    net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.Flatten(), hvp.Linear(18, 2))
-    pt = hvp.linearize(net, hvp.CrossEntropyLoss(), net.init(0), np.ones((3, 1, 4, 4)), np.array([0, 1, 0]))
-    with pytest.raises(TypeError, match=r"Linear.*Conv2d"):
-        getattr(pt, quantity)()
-
-
 def fd_input_jacobian(net, theta, X, eps=1e-6):
     """∂O_b/∂X_b (B, C, *s) by central differences of the forward pass, one input entry at a time."""
     B, s = X.shape[0], X.shape[1:]
