@@ -41,13 +41,10 @@ from ._checks import (
     describe,
     real_array,
 )
-from .layers.dense import Linear
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 # tangent_sum_grad_squared: with k directions, up to this k the (k+1)(k+2)/2 products of
 # pairs run as large matmuls; beyond it, per-example gradients in chunks are cheaper.
-PAIRS_MAX_K = 8
-CHUNK_ENTRIES = 1 << 22  # entries of the largest temporary array of tangent_sum_grad_squared
 
 
 # -- validation ---------------------------------------------------------------
@@ -240,10 +237,11 @@ def tangent_sum_grad_squared(net, loss, theta, X, y, directions):
 
     ``g_b`` is example b's term of the loss as reduced (mean reductions carry their
     normalizer, ``Σ_b g_b`` is the gradient); the L2 penalty is left out. The loss must be
-    a sum of per-example terms. Per Linear layer, with ``A = [I; İ_1..İ_k]`` and
-    ``C = [DO; DOD_1..DOD_k]`` (seed 002's ``DI2²`` with the sum over z):
-    ``(g_b)_W = Σ_z A_zbᵀ C_zb``, ``Σ_b (g_b)_W² = Σ_{z,z'} (A_z ⊙ A_z')ᵀ (C_z ⊙ C_z')``,
-    ``Σ_b (g_b)_b² = Σ_b DO_b²``.
+    a sum of per-example terms. Each layer with parameters gives its part by the contract's rule
+    ``tangent_grad_squares``: per Linear layer, with ``A = [I; İ_1..İ_k]`` and ``C = [DO; DOD_1..DOD_k]``
+    (seed 002's ``DI2²`` with the sum over z), ``(g_b)_W = Σ_z A_zbᵀ C_zb``,
+    ``Σ_b (g_b)_W² = Σ_{z,z'} (A_z ⊙ A_z')ᵀ (C_z ⊙ C_z')``, ``Σ_b (g_b)_b² = Σ_b DO_b²``; a convolution
+    forms the per-example sums over output positions a block of examples at a time.
 
     Parameters are as in :func:`tangent_loss_and_grad` (without ``l2``).
 
@@ -254,9 +252,9 @@ def tangent_sum_grad_squared(net, loss, theta, X, y, directions):
     check_net(net)
     _check_tangent_loss(loss)
     for i, layer in enumerate(net.layers):
-        if layer.param_shapes() and not isinstance(layer, Linear):
-            raise TypeError(f"per-example quantities support parameters in hvp.Linear layers only, "
-                            f"got layer {i}: {describe(layer)}")
+        if layer.param_shapes() and not hasattr(layer, "tangent_grad_squares"):
+            raise TypeError(f"tangent_sum_grad_squared needs the rule tangent_grad_squares of the layer contract "
+                            f"(Linear and convolution layers give it); layer {i} ({describe(layer)}) has none")
     _, params, X, dX, _ = _prepare(net, theta, X, directions)
     O, caches, tangent_inputs, dO = _forward(net, params, X, dX)
     _, DO, DOD = _loss_adjoints(loss, O, dO, y)
@@ -264,43 +262,8 @@ def tangent_sum_grad_squared(net, loss, theta, X, y, directions):
     out = np.empty(net.num_params, dtype=DO.dtype)
     views = net.unflatten(out)
     for i, layer in enumerate(net.layers):
-        if isinstance(layer, Linear):
-            DO_i, DOD_i = adjoints[i]
-            dI = tangent_inputs[i]
-            A = np.concatenate([caches[i][None], np.broadcast_to(dI, dI.shape[:1] + caches[i].shape)])
-            C = np.concatenate([DO_i[None], DOD_i])
-            views[i]["weight"][...] = _sum_squared_outer_sums(A, C)
-            if layer.bias:
-                np.einsum("bn,bn->n", DO_i, DO_i, out=views[i]["bias"])
-    return out
-
-
-def _sum_squared_outer_sums(A, C):
-    """``Σ_b (Σ_z A_zbᵀ C_zb)²`` (m, n) for A (Z, B, m), C (Z, B, n), never all B products at once.
-
-    Small Z: ``Σ_{z<=z'} c_zz' (A_z ⊙ A_z')ᵀ (C_z ⊙ C_z')`` (c = 2 off the diagonal), the pairs
-    stacked along the batch into few large matmuls: Z(Z+1)/2 · B·m·n multiply-adds. Large Z:
-    the per-example sums ``A_bᵀ C_b`` (m, n) for a chunk of examples, squared: Z · B·m·n.
-    """
-    Z, B, m = A.shape
-    n = C.shape[2]
-    out = np.zeros((m, n), dtype=A.dtype)
-    if Z - 1 <= PAIRS_MAX_K:
-        first, second = np.triu_indices(Z)
-        step = max(1, CHUNK_ENTRIES // (B * (m + n)))
-        for s in range(0, len(first), step):
-            z1, z2 = first[s:s + step], second[s:s + step]
-            AA = A[z1] * A[z2]
-            CC = C[z1] * C[z2]
-            CC[z1 != z2] *= 2
-            out += AA.reshape(-1, m).T @ CC.reshape(-1, n)
-        return out
-    A_b = np.ascontiguousarray(A.transpose(1, 2, 0))  # (B, m, Z)
-    C_b = np.ascontiguousarray(C.transpose(1, 0, 2))  # (B, Z, n)
-    step = max(1, CHUNK_ENTRIES // (m * n))
-    for s in range(0, B, step):
-        G = np.matmul(A_b[s:s + step], C_b[s:s + step])
-        out += np.einsum("bmn,bmn->mn", G, G)
+        if layer.param_shapes():
+            layer.tangent_grad_squares(params[i], caches[i], tangent_inputs[i], *adjoints[i], views[i])
     return out
 
 

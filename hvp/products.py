@@ -357,8 +357,9 @@ class Linearization:
 
         Backpropagates ``∇²_O L_b = Σ_k c_kb v_kb v_kbᵀ`` (the loss factor of :meth:`diag_ggn` plus each
         activation's ``diag(σ″ ⊙ δ)``, weights of either sign); per Linear layer ``diag_W = (I²)ᵀ Σ_k c_k v_k²``,
-        ``diag_b = Σ_{k,b} c_k v_k²`` (BackPACK's ``DiagHessian``). Costs about :meth:`diag_ggn` while every
-        activation has at most two Linear layers before it; each deeper activation adds its width in columns.
+        ``diag_b = Σ_{k,b} c_k v_k²`` (BackPACK's ``DiagHessian``); convolutions, pooling and residual blocks by
+        their rules of the layer contract (:mod:`hvp.diag_hessian`). On an MLP it costs about :meth:`diag_ggn`;
+        an activation's diagonal that must pass a convolution becomes its width in columns, formed in chunks.
 
         Returns
         -------

@@ -103,6 +103,40 @@ def test_jacobian_penalty_gradient_of_a_cnn_against_finite_differences():
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
 
 
+TANGENT_NETS = {
+    "conv2d-grouped-pool": cnn,
+    "conv1d-strided-avgpool": lambda: hvp.Sequential(hvp.Conv1d(2, 3, 3, stride=2, padding=1), hvp.Softplus(),
+                                                     hvp.AvgPool1d(2), hvp.Flatten(), hvp.Linear(3, 3)),
+}
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["directions-shared", "directions-per-example"])
+@pytest.mark.parametrize("name", list(TANGENT_NETS))
+def test_tangent_sum_grad_squared_of_a_cnn_matches_a_loop_over_examples(name, shared):
+    """With a sum reduction, example b's term of the loss is the loss of example b alone: its gradient from
+    tangent_loss_and_grad on that example (checked against finite differences above), squared and summed."""
+    rng = np.random.default_rng(6)
+    net = TANGENT_NETS[name]()
+    X = rng.normal(size=(4, 2, 4, 4)) if name.startswith("conv2d") else rng.normal(size=(4, 2, 6))
+    theta, y = net.init(1), rng.integers(0, 3, 4)
+    V = rng.normal(size=(2,) + X.shape[1:]) if shared else rng.normal(size=(4, 2) + X.shape[1:])
+    loss = hvp.JacobianPenalty(hvp.CrossEntropyLoss(reduction="sum"), 0.4)
+    per_example = np.stack([hvp.tangent_loss_and_grad(net, loss, theta, X[b:b + 1], y[b:b + 1],
+                                                      V if shared else V[b:b + 1])[1] for b in range(4)])
+    got = hvp.tangent_sum_grad_squared(net, loss, theta, X, y, V)
+    np.testing.assert_allclose(got, (per_example ** 2).sum(axis=0), rtol=1e-11, atol=1e-14)
+    assert np.abs(per_example).sum(axis=0).min() > 0
+
+
+def test_tangent_sum_grad_squared_refuses_residual_blocks_by_name():
+    net = hvp.Sequential(hvp.Linear(3, 3), hvp.Residual(hvp.Linear(3, 3), hvp.Tanh()), hvp.Linear(3, 2))
+    rng = np.random.default_rng(7)
+    loss = hvp.JacobianPenalty(hvp.CrossEntropyLoss(), 0.4)
+    with pytest.raises(TypeError, match=r"tangent_grad_squares.*layer 1 \(Residual"):
+        hvp.tangent_sum_grad_squared(net, loss, net.init(0), rng.normal(size=(2, 3)), np.array([0, 1]),
+                                     rng.normal(size=(1, 3)))
+
+
 @pytest.mark.parametrize("X_shape, match", [
     ((2, 4, 4), r"X must be 4-D of shape \(batch, 1, H, W\), got 3-D"),
     ((2, 3, 4, 4), r"X must have 1 channels \(axis 1\)"),

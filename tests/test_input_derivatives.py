@@ -14,7 +14,7 @@ import pytest
 from conftest import ARCHS
 
 import hvp
-import hvp.input_derivatives as input_derivatives
+from hvp.layers import dense
 
 # the suite's architectures, and two where a tangent shared by all examples meets an activation late
 TANGENT_ARCHS = {**ARCHS, "act-first_tanh-3-4-sigmoid-2": ("tanh", "lin:3:4", "sigmoid", "lin:4:2"),
@@ -287,8 +287,8 @@ PATHS = {"pairs": (100, 1 << 22), "pairs-chunked": (100, 8), "per-example": (0, 
 def test_tangent_sum_grad_squared_matches_per_example_loop(make_problem, monkeypatch, spec, loss_id,
                                                            direction_kind, path):
     pairs_max_k, chunk_entries = PATHS[path]
-    monkeypatch.setattr(input_derivatives, "PAIRS_MAX_K", pairs_max_k)
-    monkeypatch.setattr(input_derivatives, "CHUNK_ENTRIES", chunk_entries)
+    monkeypatch.setattr(dense, "PAIRS_MAX_K", pairs_max_k)
+    monkeypatch.setattr(dense, "CHUNK_ENTRIES", chunk_entries)
     c = Case(make_problem, spec, loss_id, direction_kind, batch=5)
     per_example = np.empty((c.p.B, c.p.P))
     for n in range(c.p.B):

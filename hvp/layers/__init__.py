@@ -29,7 +29,9 @@ Layers with parameters may also give per-example pieces (:mod:`hvp.per_example`)
 and output-side adjoints: ``batch_grad(p, cache, DO, out, rows)`` (the examples ``rows``' gradients
 into views ``out`` of shape (b, *shape)), ``grad_squares(p, cache, D, out, scale=None, weights=None)``
 (``Σ_{k,b} w_kb g_kb²`` for adjoints ``scale ⊙ D_k``, D (K, B or 1, n), weights w (K, B) of either sign or None
-for 1) and ``batch_l2(p, cache, DO)`` ((B,)); and
+for 1) and ``batch_l2(p, cache, DO)`` ((B,)); for losses on input tangents (:mod:`hvp.input_derivatives`),
+``tangent_grad_squares(p, cache, dI, DO, DOD, out)``: ``Σ_b g_b²`` for example b's gradient by rules 2 and 4
+(DO (B, n), DOD (k, B, n), dI (k, B or 1, m) or None); and
 K-FAC's Kronecker factors (:mod:`hvp.kfac`):
 ``kronecker_factors(cache, D) -> (A, G)`` for output-side columns D (K, B, n), and their
 parameters as one matrix, ``kronecker_matrix(p) -> W̄`` (..., rows, cols) with

@@ -279,13 +279,15 @@ class _Conv:
 
     PER_EXAMPLE_BYTES = 16 << 20  # per-example gradients are formed in blocks of examples of about this size
 
-    def _example_grads(self, cache, D, rows):
+    def _example_grads(self, cache, D, rows, U=None):
         """Per-example weight gradients (K, b, O, C/G, *kernel) of the examples ``rows`` from their adjoints
-        D (K, b, O, …): ``g_kb = Σ_l D_kbl ⊗ U_bl`` per group, the sum over output positions l one matmul."""
+        D (K, b, O, …): ``g_kb = Σ_l D_kbl ⊗ U_bl`` per group, the sum over output positions l one matmul;
+        U (b or 1, L, G, J) the patches, by default the input's."""
         B, G = cache["shape"][0], self.groups
-        U = cache["U"].reshape(B, -1, G, cache["U"].shape[-1])[rows]  # (b, L, G, J)
+        if U is None:
+            U = cache["U"].reshape(B, -1, G, cache["U"].shape[-1])[rows]  # (b, L, G, J)
         R = self._to_rows(D)  # (K, b·L, G, O/G)
-        R = R.reshape((R.shape[0],) + U.shape[:3] + (-1,))  # (K, b, L, G, O/G)
+        R = R.reshape((R.shape[0], D.shape[1]) + U.shape[1:3] + (-1,))  # (K, b, L, G, O/G)
         g = np.matmul(R.transpose(0, 1, 3, 4, 2), U.transpose(0, 2, 1, 3))  # (K, b, G, O/G, J)
         return g.reshape(g.shape[:2] + (self.out_channels, self.in_channels // G) + self.kernel_size)
 
@@ -324,6 +326,22 @@ class _Conv:
             out["weight"] += g2.sum(axis=(0, 1))
             if self.bias:
                 out["bias"] += b2.sum(axis=(0, 1))
+
+    def tangent_grad_squares(self, p, cache, dI, DO, DOD, out):
+        """``Σ_b g_b²`` for example b's gradient by rules 2 and 4, ``(g_b)_W = DO_bᵀ U_b + Σ_k DOD_kbᵀ unfold(İ_kb)``
+        per group, ``(g_b)_b = Σ_l DO_bl``; dI (k, B or 1, C, …) or None, DO (B, O, …), DOD (k, B, O, …)."""
+        k = 0 if dI is None else dI.shape[0]
+        if k:
+            dU = self._patches(dI.reshape((-1,) + dI.shape[2:]))[0]
+            dU = dU.reshape((k, dI.shape[1], -1) + dU.shape[1:])  # (k, B or 1, L, G, J)
+        out["weight"][...] = 0
+        for rows in self._blocks(cache, 1 + k):
+            g = self._example_grads(cache, DO[None, rows], rows)[0]
+            for j in range(k):
+                g += self._example_grads(cache, DOD[j][None, rows], rows, dU[j] if dU.shape[1] == 1 else dU[j][rows])[0]
+            out["weight"] += np.square(g).sum(axis=0)
+        if self.bias:
+            out["bias"][...] = np.square(self._bias_grads(DO)).sum(axis=0)
 
     def diagonal_squares(self, p, cache, d, out):
         """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, O, …) at the output: rule 2's ``DW_g = dᵀ U``

@@ -4,6 +4,9 @@ import numpy as np
 
 from .._checks import check_bool, describe
 
+PAIRS_MAX_K = 8
+CHUNK_ENTRIES = 1 << 22  # entries of the largest temporary array of tangent_grad_squares
+
 
 class Linear:
     """Affine layer ``O = I W + b``.
@@ -151,6 +154,17 @@ class Linear:
         """None: O is linear in I."""
         return None
 
+    def tangent_grad_squares(self, p, I, dI, DO, DOD, out):
+        """``Σ_b g_b²`` for example b's gradient by rules 2 and 4, ``(g_b)_W = I_bᵀ DO_b + Σ_k İ_kbᵀ DOD_kb``,
+        ``(g_b)_b = DO_b``; dI (k, B or 1, m) or None, DO (B, n), DOD (k, B, n)."""
+        A, C = I[None], DO[None]
+        if dI is not None:
+            A = np.concatenate([A, np.broadcast_to(dI, dI.shape[:1] + I.shape)])
+            C = np.concatenate([C, DOD])
+        out["weight"][...] = _sum_squared_outer_sums(A, C)
+        if self.bias:
+            np.einsum("bn,bn->n", DO, DO, out=out["bias"])
+
     def batch_l2(self, p, I, DO):
         """``‖g_b‖²`` (B,): ``‖I_b‖² ‖DO_b‖² (+ ‖DO_b‖² for the bias)``."""
         DO_norms = np.einsum("bn,bn->b", DO, DO)
@@ -180,3 +194,32 @@ class Linear:
             else:
                 grads = {"weight": dI.reshape(-1, dI.shape[-1]).T @ DOD.reshape(-1, DOD.shape[-1])}
         return DI, grads
+
+
+def _sum_squared_outer_sums(A, C):
+    """``Σ_b (Σ_z A_zbᵀ C_zb)²`` (m, n) for A (Z, B, m), C (Z, B, n), never all B products at once.
+
+    Small Z: ``Σ_{z<=z'} c_zz' (A_z ⊙ A_z')ᵀ (C_z ⊙ C_z')`` (c = 2 off the diagonal), the pairs
+    stacked along the batch into few large matmuls: Z(Z+1)/2 · B·m·n multiply-adds. Large Z:
+    the per-example sums ``A_bᵀ C_b`` (m, n) for a chunk of examples, squared: Z · B·m·n.
+    """
+    Z, B, m = A.shape
+    n = C.shape[2]
+    out = np.zeros((m, n), dtype=A.dtype)
+    if Z - 1 <= PAIRS_MAX_K:
+        first, second = np.triu_indices(Z)
+        step = max(1, CHUNK_ENTRIES // (B * (m + n)))
+        for s in range(0, len(first), step):
+            z1, z2 = first[s:s + step], second[s:s + step]
+            AA = A[z1] * A[z2]
+            CC = C[z1] * C[z2]
+            CC[z1 != z2] *= 2
+            out += AA.reshape(-1, m).T @ CC.reshape(-1, n)
+        return out
+    A_b = np.ascontiguousarray(A.transpose(1, 2, 0))  # (B, m, Z)
+    C_b = np.ascontiguousarray(C.transpose(1, 0, 2))  # (B, Z, n)
+    step = max(1, CHUNK_ENTRIES // (m * n))
+    for s in range(0, B, step):
+        G = np.matmul(A_b[s:s + step], C_b[s:s + step])
+        out += np.einsum("bmn,bmn->mn", G, G)
+    return out
