@@ -23,6 +23,7 @@ is carried on its own, in chunks of columns. Everything goes through the layer c
 import numpy as np
 
 from ._checks import describe
+from .layers.dense import weighted_squares
 
 COLUMN_BYTES = 64 << 20  # columns are carried in chunks of about this many bytes when dense (K·B·width)
 
@@ -37,22 +38,6 @@ def _accumulate(views, rule, *args, **kwargs):
 
 def _plus(a, b):
     return b if a is None else a if b is None else a + b
-
-
-def _weighted_squares(V, weights, scale, B):
-    """``Σ_k w_kb (scale ⊙ V_kb)²`` (B, …): the diagonal of ``Σ_k w_k DO_k DO_kᵀ`` for columns V (K, B or 1, …),
-    weights (K, B) or None for 1 and a factor ``scale`` (B, …) or None; one (B, K)·(K, n) product for shared V."""
-    K, shape = V.shape[0], V.shape[2:]
-    flat = V.reshape(K, V.shape[1], -1)
-    if flat.shape[1] == 1:
-        squares = np.square(flat[:, 0])  # (K, n)
-        h = np.ascontiguousarray(weights.T) @ squares if weights is not None else np.tile(squares.sum(axis=0), (B, 1))
-    elif weights is None:
-        h = np.einsum("kbn,kbn->bn", flat, flat)
-    else:
-        h = np.einsum("kb,kbn,kbn->bn", weights, flat, flat)
-    h = h.reshape((B,) + shape)
-    return h if scale is None else h * np.square(scale)
 
 
 class _Chain:
@@ -123,7 +108,7 @@ class _Walk:
                     scale = s if scale is None else scale * s
                     continue
                 if getattr(layer, "output_diagonal_only", False):
-                    self.read_diagonal(chain, i, _weighted_squares(V, weights, scale, self.B))
+                    self.read_diagonal(chain, i, weighted_squares(V, weights, scale, self.B))
                 elif views:
                     _accumulate(views, layer.grad_squares, p, cache, V, scale=scale, weights=weights)
                 if not chain.needs(i):

@@ -33,6 +33,15 @@ from ._checks import (
 from .products import linearize
 
 
+def check_dataset_problem(net, loss, theta):
+    """The network, a loss with reduction "mean" or "sum" (data-set curvature weighs batches by it), and θ."""
+    check_net(net)
+    check_loss(loss)
+    if getattr(loss, "reduction", None) not in ("mean", "sum"):
+        raise TypeError(f"loss must be an hvp loss with reduction 'mean' or 'sum', got {describe(loss)}")
+    return check_theta(theta, net.num_params)
+
+
 class SymmetricOperator(LinearOperator):
     """A symmetric (P, P) operator whose products check their argument, so that a wrong shape or a NaN
     is reported by name rather than as scipy's "dimension mismatch"; subclasses define ``_matmat``."""
@@ -62,11 +71,7 @@ class _DatasetCurvature(SymmetricOperator):
     """Shared machinery: per-batch linearizations, weights, block products."""
 
     def __init__(self, net, loss, theta, data, l2=0.0, cache=True):
-        check_net(net)
-        check_loss(loss)
-        if getattr(loss, "reduction", None) not in ("mean", "sum"):
-            raise TypeError(f"loss must be an hvp loss with reduction 'mean' or 'sum', got {describe(loss)}")
-        theta = check_theta(theta, net.num_params)
+        theta = check_dataset_problem(net, loss, theta)
         super().__init__(dtype=theta.dtype, shape=(net.num_params, net.num_params))
         self.net, self.loss_fn, self.theta = net, loss, theta.copy()
         self.l2 = check_l2(l2)

@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from .. import kfac
-from .._checks import check_bool, check_direction, check_l2, check_loss, check_net, check_seed, check_theta
-from ..operators import empirical_fisher_product
+from .._checks import check_bool, check_direction, check_l2, check_seed
+from ..operators import check_dataset_problem, empirical_fisher_product
 from ..products import linearize
 
 # -- on the workers ---------------------------------------------------------------
@@ -121,11 +121,7 @@ class ShardedLinearization:
     """
 
     def __init__(self, data, net, loss, theta, l2=0.0, cache=True):
-        check_net(net)
-        check_loss(loss)
-        if getattr(loss, "reduction", None) not in ("mean", "sum"):
-            raise TypeError(f"loss must be an hvp loss with reduction 'mean' or 'sum', got {loss!r}")
-        theta = check_theta(theta, net.num_params)
+        theta = check_dataset_problem(net, loss, theta)
         self.data, self.net, self.loss_fn, self.theta = data, net, loss, theta.copy()
         self.l2, self.cache = check_l2(l2), check_bool("cache", cache)
         self.weight_mask = net.weight_mask()

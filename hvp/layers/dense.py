@@ -132,17 +132,7 @@ class Linear:
         """``Σ_{k,b} w_kb (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, n), w (K, B) or None for 1:
         weight ``(I²)ᵀ Σ_k w_k DO_k²``, bias ``Σ_{k,b} w_k DO_k²`` — one matmul; the σ′ factor ``scale`` (B, n) is
         applied to the squares, and columns shared by every example (D (K, 1, n)) cost one (B, K)·(K, n) product."""
-        B = I.shape[0]
-        if D.shape[1] == 1 and B != 1:
-            D2 = np.square(D[:, 0])  # (K, n)
-            DO2 = np.ascontiguousarray(weights.T) @ D2 if weights is not None else np.tile(D2.sum(axis=0), (B, 1))
-        elif weights is None:
-            DO2 = np.einsum("kbn,kbn->bn", D, D)
-        else:
-            DO2 = np.einsum("kb,kbn,kbn->bn", weights, D, D)
-        if scale is not None:
-            DO2 *= np.square(scale)
-        self.diagonal_squares(p, I, DO2, out)
+        self.diagonal_squares(p, I, weighted_squares(D, weights, scale, I.shape[0]), out)
 
     def diagonal_squares(self, p, I, d, out):
         """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, n) at the output: weight ``(I²)ᵀ d``, bias ``Σ d``."""
@@ -223,3 +213,19 @@ def _sum_squared_outer_sums(A, C):
         G = np.matmul(A_b[s:s + step], C_b[s:s + step])
         out += np.einsum("bmn,bmn->mn", G, G)
     return out
+
+
+def weighted_squares(V, weights, scale, B):
+    """``Σ_k w_kb (scale ⊙ V_kb)²`` (B, …): the diagonal of ``Σ_k w_k DO_k DO_kᵀ`` for columns V (K, B or 1, …),
+    weights (K, B) or None for 1 and a factor ``scale`` (B, …) or None; one (B, K)·(K, n) product for shared V."""
+    K, shape = V.shape[0], V.shape[2:]
+    flat = V.reshape(K, V.shape[1], -1)
+    if flat.shape[1] == 1:
+        squares = np.square(flat[:, 0])  # (K, n)
+        h = np.ascontiguousarray(weights.T) @ squares if weights is not None else np.tile(squares.sum(axis=0), (B, 1))
+    elif weights is None:
+        h = np.einsum("kbn,kbn->bn", flat, flat)
+    else:
+        h = np.einsum("kb,kbn,kbn->bn", weights, flat, flat)
+    h = h.reshape((B,) + shape)
+    return h if scale is None else h * np.square(scale)
