@@ -3,7 +3,7 @@
 One module per family: :mod:`~hvp.layers.dense` (Linear), :mod:`~hvp.layers.conv` (Conv1d,
 Conv2d), :mod:`~hvp.layers.pooling` (max and average pooling, Flatten),
 :mod:`~hvp.layers.activations` (elementwise), :mod:`~hvp.layers.composition` (Sequential,
-Residual).
+Residual); :mod:`~hvp.layers.windows` holds the sliding windows that convolutions and pooling share.
 
 Arrays are batch first; a block of k directions adds a leading axis k, so that each
 direction is one ordinary batch and k directions cost k matrix products of full size (or

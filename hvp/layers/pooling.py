@@ -11,7 +11,7 @@ Flatten copies one input entry, a diagonal Hessian at their output comes back di
 
 import numpy as np
 
-from .conv import _positive_ints, fold, unfold, window_geometry
+from .windows import fold, positive_ints, unfold, window_geometry
 
 
 class _Pool:
@@ -21,9 +21,9 @@ class _Pool:
 
     def __init__(self, kernel_size, stride=None, padding=0):
         name, n = type(self).__name__, self.spatial
-        self.kernel_size = _positive_ints(name, "kernel_size", kernel_size, n)
-        self.stride = self.kernel_size if stride is None else _positive_ints(name, "stride", stride, n)
-        self.padding = _positive_ints(name, "padding", padding, n, minimum=0)
+        self.kernel_size = positive_ints(name, "kernel_size", kernel_size, n)
+        self.stride = self.kernel_size if stride is None else positive_ints(name, "stride", stride, n)
+        self.padding = positive_ints(name, "padding", padding, n, minimum=0)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"{name}: padding must be at most half the kernel size, got padding={self.padding} "
                              f"and kernel_size={self.kernel_size}")
