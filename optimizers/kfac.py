@@ -40,7 +40,7 @@ MAX_INVERSE_EVERY = 20
 EIGH_COST = 4.0
 DAMPING_RULES = ("nielsen", "martens-grosse")
 GAMMA_STEP = 2.0  # the proposal's damping γ is chosen among γ/2, γ and 2γ every gamma_every steps
-GAMMA_EVERY = 20
+GAMMA_EVERY = 5
 
 
 class KFAC(Optimizer):
