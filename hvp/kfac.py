@@ -112,7 +112,8 @@ class KroneckerFactored(LinearOperator):
     ----------
     factors : list of (A, G)
         One pair per layer with parameters, in order: A (m+1, m+1) (or (m, m) without bias)
-        and G (n, n), float arrays in θ's dtype.
+        and G (n, n), float arrays in θ's dtype; a grouped convolution gives stacks (groups, ·, ·),
+        one Kronecker block per group.
     l2 : float
     """
 
@@ -155,13 +156,15 @@ class KroneckerFactored(LinearOperator):
     def diagonal(self):
         """The exact diagonal (P,): ``diag(A) ⊗ diag(G)`` per layer, plus l2 on weights."""
         rows = np.zeros((1, self.shape[0]), dtype=self.dtype)
-        out = self._blocks(rows, lambda j, M: np.outer(np.diag(self.factors[j][0]), np.diag(self.factors[j][1])))[0]
+        out = self._blocks(rows, lambda j, M: _diagonal(self.factors[j][0])[..., :, None]
+                           * _diagonal(self.factors[j][1])[..., None, :])[0]
         out[self._weight_mask] += self.dtype.type(self.l2)
         return out
 
     def trace(self):
         """``Σ_layers tr(A)·tr(G) + l2·(number of weights)``."""
-        return float(sum(np.trace(A) * np.trace(G) for A, G in self.factors) + self.l2 * self._weight_mask.sum())
+        return float(sum(np.sum(_diagonal(A).sum(-1) * _diagonal(G).sum(-1)) for A, G in self.factors)
+                     + self.l2 * self._weight_mask.sum())
 
     def eigen(self):
         """Per layer ``(a, U_A, g, U_G)``: eigenvalues (clipped at 0) and eigenvectors of A and G, cached."""
@@ -215,9 +218,10 @@ class KroneckerFactored(LinearOperator):
                 self._inverses.clear()
             inverses = []
             for (a, U_A, g, U_G), (A, G) in zip(self.eigen(), self.factors):
-                mean_a, mean_g = np.trace(A) / len(A), np.trace(G) / len(G)
-                pi_ = np.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
-                inverses.append(tuple(((U / (d + c)) @ U.T).astype(self.dtype)
+                mean_a, mean_g = _diagonal(A).mean(-1), _diagonal(G).mean(-1)
+                ok = (mean_a > 0) & (mean_g > 0)
+                pi_ = np.where(ok, np.sqrt(np.where(ok, mean_a, 1) / np.where(ok, mean_g, 1)), 1.0)[..., None]
+                inverses.append(tuple(((U / (d + c)[..., None, :]) @ np.swapaxes(U, -1, -2)).astype(self.dtype)
                                       for d, U, c in ((a, U_A, pi_ * np.sqrt(gamma)), (g, U_G, np.sqrt(gamma) / pi_))))
             self._inverses[gamma] = inverses
         inverses = self._inverses[gamma]
@@ -225,9 +229,15 @@ class KroneckerFactored(LinearOperator):
 
     def _exact_inverse(self, gamma):
         """``M -> U_A ((U_Aᵀ M U_G) / (a gᵀ + γ)) U_Gᵀ`` per layer: ``(A ⊗ G + γI)⁻¹`` in the factors' eigenbasis."""
-        bases = [(U_A.astype(self.dtype), U_G.astype(self.dtype), (1 / (np.outer(a, g) + gamma)).astype(self.dtype))
+        bases = [(U_A.astype(self.dtype), U_G.astype(self.dtype),
+                  (1 / (a[..., :, None] * g[..., None, :] + gamma)).astype(self.dtype))
                  for a, U_A, g, U_G in self.eigen()]
-        return lambda j, M: bases[j][0] @ ((bases[j][0].T @ M @ bases[j][1]) * bases[j][2]) @ bases[j][1].T
+
+        def apply(j, M):
+            U_A, U_G, scale = bases[j]
+            return U_A @ ((np.swapaxes(U_A, -1, -2) @ M @ U_G) * scale) @ np.swapaxes(U_G, -1, -2)
+
+        return apply
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype}: {len(self.factors)} layers>"
@@ -290,3 +300,8 @@ class KFACOperator(KroneckerFactored):
         w = theta[self._weight_mask]
         self.loss = loss_sum / denominator + 0.5 * l2 * float(w @ w)
         self.num_examples = N
+
+
+def _diagonal(M):
+    """The diagonal (..., d) of a factor (d, d) or of a stack of them (G, d, d)."""
+    return np.diagonal(M, axis1=-2, axis2=-1)

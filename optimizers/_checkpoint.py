@@ -116,10 +116,10 @@ def vector(arrays, name, size, dtype, allow_empty=False, nonnegative=False):
 
 
 def matrix(arrays, name, dtype):
-    """``state_<name>``: a finite square float matrix, as ``dtype``."""
+    """``state_<name>``: a finite square float matrix, or a stack of them (G, d, d), as ``dtype``."""
     a = _get(arrays, name)
-    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.dtype.kind != "f" or not np.isfinite(a).all():
-        raise ValueError(f"state {name} must be a finite square matrix, got {describe(a)}")
+    if a.ndim not in (2, 3) or a.shape[-1] != a.shape[-2] or a.dtype.kind != "f" or not np.isfinite(a).all():
+        raise ValueError(f"state {name} must be a finite square matrix or a stack of them, got {describe(a)}")
     return a.astype(dtype)
 
 

@@ -170,8 +170,8 @@ class KFAC(Optimizer):
             for j, i in enumerate(kronecker.kronecker_layers(self.net)):
                 size = sum(int(np.prod(shape)) for _, shape in self.net.layers[i].param_shapes())
                 A, G = (_checkpoint.matrix(arrays, f"{name}_{F}{j}", dtype) for F in "AG")
-                if len(A) * len(G) != size:
-                    raise ValueError(f"state {name}_A{j} and {name}_G{j} have sizes {len(A)} and {len(G)}, "
+                if A.size // A.shape[-1] * G.shape[-1] != size:
+                    raise ValueError(f"state {name}_A{j} and {name}_G{j} have shapes {A.shape} and {G.shape}, "
                                      f"whose product is not layer {i}'s {size} parameters")
                 factors[i] = (A, G)
             if name == "average":
@@ -184,7 +184,7 @@ class KFAC(Optimizer):
     def _inverse_every(self, B):
         if self.inverse_every is not None:
             return self.inverse_every
-        cubes = sum(len(A) ** 3 + len(G) ** 3 for A, G in self._factors.values())
+        cubes = sum(A.size * A.shape[-1] + G.size * G.shape[-1] for A, G in self._factors.values())
         return min(MAX_INVERSE_EVERY, max(1, math.ceil(EIGH_COST * cubes / (B * self.theta.size))))
 
     def _step(self, X, y, gtol):

@@ -33,7 +33,8 @@ for 1) and ``batch_l2(p, cache, DO)`` ((B,)); for losses on input tangents (:mod
 ``tangent_grad_squares(p, cache, dI, DO, DOD, out)``: ``Σ_b g_b²`` for example b's gradient by rules 2 and 4
 (DO (B, n), DOD (k, B, n), dI (k, B or 1, m) or None); and
 K-FAC's Kronecker factors (:mod:`hvp.kfac`):
-``kronecker_factors(cache, D) -> (A, G)`` for output-side columns D (K, B, n), and their
+``kronecker_factors(cache, D) -> (A, G)`` for output-side columns D (K, B, n) (or stacks (G, ·, ·) of
+independent blocks, one per group of a grouped convolution), and their
 parameters as one matrix, ``kronecker_matrix(p) -> W̄`` (..., rows, cols) with
 ``from_kronecker_matrix(W̄, out)`` writing it back, so that the block is ``W̄ -> A W̄ G``.
 

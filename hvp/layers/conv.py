@@ -318,38 +318,41 @@ class _Conv:
 
     # -- K-FAC's Kronecker factors (hvp.kfac) ------------------------------------------------------
 
-    def _single_group(self):
-        if self.groups != 1:
-            raise TypeError(f"K-FAC needs one weight matrix per layer; {self!r} has {self.groups} groups, whose "
-                            "block-diagonal weights it does not factor")
-
     def kronecker_factors(self, cache, D):
-        """K-FAC's factors with every output position as an example (Grosse & Martens 2016; "expand"):
-        ``A = mean_{b,l} ū ūᵀ`` over the patches ū = [U, 1] (J+1, J+1), ``G = Σ_{k,b,l} d dᵀ`` (O, O)
-        for output-side columns D (K, B, O, …)."""
-        self._single_group()
-        U = cache["U"][:, 0, :]  # (B·L, J)
-        n = U.shape[0]
-        A = U.T @ U
+        """K-FAC's factors with every output position as an example (Grosse & Martens 2016; "expand"), per
+        group g: ``A_g = mean_{b,l} ū ūᵀ`` over the patches ū = [U_g, 1] (J+1, J+1), ``G_g = Σ_{k,b,l} d_g d_gᵀ``
+        (O/G, O/G) for output-side columns D (K, B, O, …); stacked (G, ·, ·) when there are several groups,
+        whose weights form a block-diagonal matrix."""
+        G = self.groups
+        U = cache["U"].transpose(1, 0, 2)  # (G, B·L, J)
+        n, J = U.shape[1:]
+        A = np.matmul(U.transpose(0, 2, 1), U)
         if self.bias:
-            s = U.sum(axis=0)
-            A = np.block([[A, s[:, None]], [s[None, :], np.full((1, 1), n, dtype=U.dtype)]])
-        R = self._to_rows(D).reshape(-1, self.out_channels)
-        return A / U.dtype.type(n), R.T @ R
+            s = U.sum(axis=1)
+            A = np.concatenate([np.concatenate([A, s[:, :, None]], axis=2),
+                                np.concatenate([s, np.full((G, 1), n, dtype=U.dtype)], axis=1)[:, None, :]], axis=1)
+        R = self._to_rows(D).reshape(-1, G, self.out_channels // G).transpose(1, 0, 2)  # (G, K·B·L, O/G)
+        A, Gm = A / U.dtype.type(n), np.matmul(R.transpose(0, 2, 1), R)
+        return (A[0], Gm[0]) if G == 1 else (A, Gm)
 
     def kronecker_matrix(self, p):
-        """The parameters as K-FAC's matrix ``W̄ = [W_matᵀ; b]`` (..., J+1, O), W_mat (O, J) the filters as rows."""
-        self._single_group()
-        W = p["weight"]
-        M = np.swapaxes(W.reshape(W.shape[:W.ndim - 1 - self.spatial] + (-1,)), -1, -2)
-        return M if not self.bias else np.concatenate([M, p["bias"][..., None, :]], axis=-2)
+        """The parameters as K-FAC's matrices ``W̄_g = [W_gᵀ; b_g]`` (..., [G,] J+1, O/G), W_g (O/G, J) group g's
+        filters as rows; the group axis only when there are several."""
+        G = self.groups
+        M = np.swapaxes(self._weight(p["weight"]), -1, -2)  # (..., G, J, O/G)
+        if self.bias:
+            b = p["bias"]
+            M = np.concatenate([M, b.reshape(b.shape[:-1] + (G, 1, -1))], axis=-2)
+        return M[..., 0, :, :] if G == 1 else M
 
     def from_kronecker_matrix(self, M, out):
-        """Write ``W̄`` (..., J+1, O) into the parameter views ``out``."""
+        """Write ``W̄`` (..., [G,] J+1, O/G) into the parameter views ``out``."""
+        if self.groups == 1:
+            M = M[..., None, :, :]
         J = self.fan_in
         out["weight"][...] = np.swapaxes(M[..., :J, :], -1, -2).reshape(out["weight"].shape)
         if self.bias:
-            out["bias"][...] = M[..., J, :]
+            out["bias"][...] = M[..., J, :].reshape(out["bias"].shape)
 
 
 class Conv2d(_Conv):
