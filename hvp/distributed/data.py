@@ -62,7 +62,7 @@ class ShardedData:
     """
 
     def __init__(self, client, shards):
-        from distributed import Future, wait
+        from distributed import Future
 
         shards = list(shards)
         if not shards:
@@ -74,7 +74,6 @@ class ShardedData:
         infos = client.gather([client.submit(_shard_info, i, s, pure=False) for i, s in enumerate(shards)])
         self.shard_sizes, self.in_shapes = [B for B, _ in infos], [shape for _, shape in infos]
         self.num_examples = sum(self.shard_sizes)
-        wait(shards)
         holders = client.who_has(shards)
         groups = {}
         for i, s in enumerate(shards):

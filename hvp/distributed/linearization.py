@@ -31,19 +31,20 @@ def _linearize_group(net, loss, theta, shard_indices, *shards):
     return out
 
 
+def _add(total, value):
+    """``total + value`` for arrays, numbers or tuples of them (elementwise); ``value`` when total is None."""
+    if total is None:
+        return value
+    return tuple(t + v for t, v in zip(total, value)) if isinstance(value, tuple) else total + value
+
+
 def _group_sum(group, weights, product, *args):
     """``Σ_s w_s product(pt_s, *args)`` over one worker's linearizations, and the seconds it took."""
     start = time.perf_counter()
     total = None
     for w, pt in zip(weights, group):
         value = product(pt, *args)
-        value = w * value if not isinstance(value, tuple) else tuple(w * v for v in value)
-        if total is None:
-            total = value
-        elif isinstance(value, tuple):
-            total = tuple(t + v for t, v in zip(total, value))
-        else:
-            total += value
+        total = _add(total, tuple(w * v for v in value) if isinstance(value, tuple) else w * value)
     return total, time.perf_counter() - start
 
 
@@ -149,25 +150,20 @@ class ShardedLinearization:
     def _groups_now(self):
         return self._groups if self.cache else self._linearize()
 
-    def _call(self, product, groups, weights, *args):
-        """``[Σ_s w_s product(pt_s, *args) for each group]``: one task per worker; arrays in args sent once."""
-        client = self.data.client
+    def _sum(self, product, *args, power=1):
+        """``Σ_s w_s^power product(pt_s, *args)`` over all shards: one task per worker, arrays in args sent once;
+        the workers' sums added up here in the order of the groups."""
+        client, groups = self.data.client, self._groups_now()
         start = time.perf_counter()
         args = [client.scatter(a, broadcast=True, hash=False) if isinstance(a, np.ndarray) else a for a in args]
-        futures = [client.submit(_group_sum, g, w, product, *args, workers=[address], allow_other_workers=True,
-                                 pure=False)
-                   for g, w, (address, _) in zip(groups, weights, self.data.groups)]
+        futures = [client.submit(_group_sum, g, [self._weights[i] ** power for i in indices], product, *args,
+                                 workers=[address], allow_other_workers=True, pure=False)
+                   for g, (address, indices) in zip(groups, self.data.groups)]
         results = _gather(client, futures)
         self.last_call = {"seconds": time.perf_counter() - start, "compute": [seconds for _, seconds in results]}
-        return [value for value, _ in results]
-
-    def _sum(self, product, *args, power=1):
-        """``Σ_s w_s^power product(pt_s, *args)`` over all shards, added up in the shards' order of groups."""
-        weights = [[self._weights[i] ** power for i in indices] for _, indices in self.data.groups]
-        parts = self._call(product, self._groups_now(), weights, *args)
-        total = parts[0]
-        for part in parts[1:]:
-            total = tuple(t + p for t, p in zip(total, part)) if isinstance(total, tuple) else total + part
+        total = None
+        for value, _ in results:
+            total = _add(total, value)
         return total
 
     def _with_l2(self, out, V):
