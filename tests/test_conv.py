@@ -326,6 +326,14 @@ def _directions(case, dI, dp, k=K):
              None if dp is None or not case.bias else dp["bias"][j]) for j in range(k)]
 
 
+@pytest.fixture(params=["default_chunks", "one_example_per_chunk"])
+def chunking(request, monkeypatch):
+    """The convolution's taps loop over chunks of examples: also run each rule one example per chunk."""
+    if request.param == "one_example_per_chunk":
+        for cls in (hvp.Conv1d, hvp.Conv2d):
+            monkeypatch.setattr(cls, "CHUNK_BYTES", 1)
+
+
 # =========================================================================== references checked against torch
 
 
@@ -353,7 +361,7 @@ def test_reference_pool_matches_torch(case_id):
 
 
 @pytest.mark.parametrize("case_id", CONV_IDS)
-def test_conv_forward_matches_reference(case_id):
+def test_conv_forward_matches_reference(case_id, chunking):
     c = conv_case(case_id)
     O, _ = c.layer.forward(c.p, c.X)
     assert c.layer.out_shape(c.X.shape[1:]) == c.O.shape[1:]
@@ -397,7 +405,7 @@ WHICH = ["input_and_params", "params_only", "input_only"]
 @pytest.mark.parametrize("which", WHICH)
 @pytest.mark.parametrize("k", [1, 2], ids=["k1", "k2"])
 @pytest.mark.parametrize("case_id", CONV_IDS)
-def test_conv_tangent_matches_fd(case_id, k, which):
+def test_conv_tangent_matches_fd(case_id, k, which, chunking):
     c = conv_case(case_id)
     _, cache = c.layer.forward(c.p, c.X)
     dI = None if which == "params_only" else c.dX[:k]
@@ -410,7 +418,7 @@ def test_conv_tangent_matches_fd(case_id, k, which):
 
 @pytest.mark.parametrize("with_params", [False, True], ids=["dp_none", "with_dp"])
 @pytest.mark.parametrize("case_id", CONV_IDS)
-def test_conv_tangent_shared_input_tangent(case_id, with_params):
+def test_conv_tangent_shared_input_tangent(case_id, with_params, chunking):
     """dI (k, 1, C, …): the same tangent for every example gives the result of dI broadcast to the batch."""
     c = conv_case(case_id)
     _, cache = c.layer.forward(c.p, c.X)
@@ -465,7 +473,7 @@ def test_conv_backward_is_transpose_of_dense_jacobian(case_id):
 
 
 @pytest.mark.parametrize("case_id", CONV_IDS)
-def test_conv_backward_with_direction_axis(case_id):
+def test_conv_backward_with_direction_axis(case_id, chunking):
     """DO (k, B, …) gives per-direction adjoints, equal to k separate calls and to the dense oracle."""
     c = conv_case(case_id)
     _, cache = c.layer.forward(c.p, c.X)
@@ -504,7 +512,7 @@ def test_pool_backward_is_transpose_of_dense_jacobian(case_id):
 @pytest.mark.parametrize("dod", ["DOD_shared", "DOD_per_direction"])
 @pytest.mark.parametrize("which", WHICH + ["no_need_input"])
 @pytest.mark.parametrize("case_id", CONV_IDS)
-def test_conv_tangent_backward_matches_fd(case_id, which, dod, summed):
+def test_conv_tangent_backward_matches_fd(case_id, which, dod, summed, chunking):
     """DI_k = ∂/∂I ⟨DOD_k, conv(I, Ẇ_k)⟩, DW_k = ∂/∂W ⟨DOD_k, conv(İ_k, W)⟩; summed: their sums over k."""
     c = conv_case(case_id)
     _, cache = c.layer.forward(c.p, c.X)
@@ -530,7 +538,7 @@ def test_conv_tangent_backward_matches_fd(case_id, which, dod, summed):
 @pytest.mark.parametrize("summed", [False, True], ids=["per_direction", "summed"])
 @pytest.mark.parametrize("dod", ["DOD_shared", "DOD_per_direction"])
 @pytest.mark.parametrize("case_id", CONV_IDS)
-def test_conv_tangent_backward_shared_input_tangent(case_id, dod, summed):
+def test_conv_tangent_backward_shared_input_tangent(case_id, dod, summed, chunking):
     c = conv_case(case_id)
     _, cache = c.layer.forward(c.p, c.X)
     DOD = c.DO[0] if dod == "DOD_shared" else c.DO

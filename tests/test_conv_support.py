@@ -51,9 +51,13 @@ def test_small_blocks_of_examples_give_the_same_squares(monkeypatch):
     rng = np.random.default_rng(2)
     net = cnn()
     pt = hvp.linearize(net, hvp.CrossEntropyLoss(), net.init(0), rng.normal(size=(6, 2, 4, 4)), rng.integers(0, 3, 6))
-    whole = pt.diag_ggn(), pt.batch_l2()
+    def quantities():
+        return pt.diag_ggn(), pt.batch_l2(), pt.diag_hessian(), pt.kfac(kind="exact").factors[0][0]
+
+    whole = quantities()
     monkeypatch.setattr(hvp.Conv2d, "PER_EXAMPLE_BYTES", 1)  # one example per block
-    for a, b in zip(whole, (pt.diag_ggn(), pt.batch_l2())):
+    monkeypatch.setattr(hvp.Conv2d, "CHUNK_BYTES", 1)  # and per chunk of the taps' loops
+    for a, b in zip(whole, quantities()):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-18)
 
 

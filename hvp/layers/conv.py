@@ -18,10 +18,14 @@ and for the Hessian diagonal, a diagonal d at the output reads ``dᵀ (U²)`` (r
 Conv1d is Conv2d on inputs of height 1, with the weight viewed as (O, C/G, 1, k).
 """
 
+from collections import namedtuple
+
 import numpy as np
 
 from .._checks import check_bool
-from .windows import positive_ints, unfold, window_geometry
+from .windows import positive_ints, window_geometry
+
+_Geometry = namedtuple("_Geometry", "H W Hp Wp Ho Wo Wg shifted flat")
 
 
 class _Conv:
@@ -92,107 +96,169 @@ class _Conv:
         sizes = window_geometry(name, in_shape[1:], self.kernel_size, self.stride, self.padding, self.dilation)
         return (self.out_channels,) + sizes
 
-    # -- reshaping between the layer's layout and patch rows ------------------------------------
+    # -- the taps: geometry, slabs and the three products every rule is made of -----------------
 
-    def _as2d(self, X):
-        """(N, C, [H,] W) -> (N, C, H, W): a view."""
-        return X if self.spatial == 2 else X[:, :, None, :]
+    CHUNK_BYTES = 1 << 20  # the taps loop over a few examples at a time, about this much data, kept in cache
 
-    def _weight(self, W):
-        """weight (..., O, C/G, *kernel) -> (..., G, O/G, J)."""
+    def _geometry(self, shape):
+        """Sizes for inputs of shape (N, C, [H,] W), in two spatial dimensions."""
+        (kH, kW), (sH, sW), (pH, pW), (dH, dW) = self._kernel, self._stride, self._padding, self._dilation
+        H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
+        Hp, Wp = H + 2 * pH, W + 2 * pW
+        Ho, Wo = (Hp - dH * (kH - 1) - 1) // sH + 1, (Wp - dW * (kW - 1) - 1) // sW + 1
+        shifted = sH == sW == 1
+        return _Geometry(H, W, Hp, Wp, Ho, Wo, Wp if shifted else Wo, shifted,
+                         Hp * Wp + (dW * (kW - 1) if shifted else 0))
+
+    def _taps(self, W):
+        """Weights (K, O, C/G, *kernel) -> (kH, kW, K, G, O/G, C/G), contiguous per tap."""
         G = self.groups
-        return W.reshape(W.shape[:-2 - self.spatial] + (G, self.out_channels // G, -1))
+        W = W.reshape((W.shape[0], G, self.out_channels // G, self.in_channels // G) + self._kernel)
+        return np.ascontiguousarray(np.moveaxis(W, (-2, -1), (0, 1)))
 
-    def _patches(self, I):
-        """Patch rows of I (N, C, [H,] W): (N·L, G, J), and the output's spatial sizes."""
-        windows = unfold(self._as2d(I), self._kernel, self._stride, self._padding, self._dilation)
-        N, C, Ho, Wo = windows.shape[:4]
-        rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(N * Ho * Wo, self.groups, -1)
-        return rows, (Ho, Wo)
+    def _padded(self, X, geo):
+        """Inputs (M, C, [H,] W) -> zero-padded and flat per channel, (M, G, C/G, flat)."""
+        M, C, (pH, pW) = X.shape[0], self.in_channels, self._padding
+        P = np.zeros((M, C, geo.flat), dtype=X.dtype)
+        grid = P[:, :, :geo.Hp * geo.Wp].reshape(M, C, geo.Hp, geo.Wp)
+        grid[:, :, pH:pH + geo.H, pW:pW + geo.W] = X.reshape(M, C, geo.H, geo.W)
+        return P.reshape(M, self.groups, C // self.groups, geo.flat)
 
-    def _fold_product(self, R, W, cache, summed=False):
-        """``fold(R W_g)`` for rows R (K, N·L, G, O/G) and weights W (K′, O, C/G, *kernel), K, K′ ∈ {1, k},
-        without forming ``R W_g``: one product per kernel offset, added into the padded input in
-        channels-last order, where each offset's slab is contiguous. Returns (K·N, C, [H,] W), or the
-        sum over K (N, C, [H,] W) with ``summed``."""
-        G, C, spatial = self.groups, self.in_channels, tuple(cache["shape"][2:])
-        (pH, pW), (dH, dW), (sH, sW), (Ho, Wo) = self._padding, self._dilation, self._stride, cache["sizes"]
-        H, Wd = (1,) * (2 - self.spatial) + spatial
-        K, N = max(R.shape[0], W.shape[0]), R.shape[1] // (Ho * Wo)
-        Rg = np.moveaxis(R, 2, 1)  # (K, G, N·L, O/G)
-        W = W.reshape((W.shape[0], G, self.out_channels // G, C // G) + self._kernel)
-        out = np.zeros(((1 if summed else K) * N, H + 2 * pH, Wd + 2 * pW, C), dtype=R.dtype)
-        for i in range(self._kernel[0]):
-            for j in range(self._kernel[1]):
-                D = np.matmul(Rg, W[..., i, j])  # (K, G, N·L, C/G)
-                D = D.sum(axis=0, keepdims=True) if summed and K > 1 else D
-                out[:, i * dH:i * dH + sH * (Ho - 1) + 1:sH, j * dW:j * dW + sW * (Wo - 1) + 1:sW] += (
-                    np.moveaxis(D, 1, 2).reshape((-1, Ho, Wo, C)))
-        out = out[:, pH:pH + H, pW:pW + Wd].transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(out).reshape((out.shape[0], C) + spatial)
+    def _window(self, P, geo, i, j, rows):
+        """Tap (i, j)'s view of padded P (..., M, G, C/G, flat) for the examples ``rows`` (all of them if M = 1):
+        (..., b, G, C/G, Ho·Wg) when shifted, else (..., b, G, C/G, Ho, Wo)."""
+        (dH, dW), (sH, sW) = self._dilation, self._stride
+        rows = slice(None) if P.shape[-4] == 1 else rows
+        if geo.shifted:
+            start = i * dH * geo.Wp + j * dW
+            return P[..., rows, :, :, start:start + geo.Ho * geo.Wp]
+        grid = P.reshape(P.shape[:-1] + (geo.Hp, geo.Wp))[..., rows, :, :, :, :]
+        return grid[..., i * dH:i * dH + sH * (geo.Ho - 1) + 1:sH, j * dW:j * dW + sW * (geo.Wo - 1) + 1:sW]
 
-    def _to_rows(self, O):
-        """Outputs (..., N, O_ch, [Ho,] Wo) -> rows (..., N·L, G, O/G)."""
-        lead, N = O.shape[:-2 - self.spatial], O.shape[-2 - self.spatial]
-        moved = np.moveaxis(O, -1 - self.spatial, -1)
-        return moved.reshape(lead + (N * int(np.prod(O.shape[-self.spatial:])), self.groups, -1))
+    def _slab(self, P, geo, i, j, rows):
+        """Tap (i, j)'s inputs as matrices (..., b, G, C/G, Ho·Wg): a view when shifted, else a copy."""
+        S = self._window(P, geo, i, j, rows)
+        return S if geo.shifted else S.reshape(S.shape[:-2] + (-1,))
 
-    def _from_rows(self, R, N, sizes):
-        """Rows (..., N·L, G, O/G) -> outputs (..., N, O_ch, [Ho,] Wo)."""
-        spatial = sizes[2 - self.spatial:]
-        out = R.reshape(R.shape[:-3] + (N,) + spatial + (self.out_channels,))
-        return np.moveaxis(out, -1, -1 - self.spatial)
+    def _chunks(self, n, per_example):
+        size = max(1, self.CHUNK_BYTES // max(1, per_example))
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _to_grid(self, D, geo):
+        """Output-side arrays (..., M, O, [Ho,] Wo) -> (..., M, G, O/G, Ho·Wg), zero in the dropped columns."""
+        lead, G, O = D.shape[:-1 - self.spatial], self.groups, self.out_channels
+        D = D.reshape(lead + (O, geo.Ho, geo.Wo))
+        if geo.Wg != geo.Wo:
+            Z = np.zeros(lead + (O, geo.Ho, geo.Wg), dtype=D.dtype)
+            Z[..., :geo.Wo] = D
+            D = Z
+        return D.reshape(lead + (G, O // G, geo.Ho * geo.Wg))
+
+    def _from_grid(self, Y, geo):
+        """(..., G, O/G, Ho·Wg) -> outputs (..., O, [Ho,] Wo), contiguous."""
+        lead = Y.shape[:-3]
+        Y = Y.reshape(lead + (self.out_channels, geo.Ho, geo.Wg))[..., :geo.Wo]
+        return np.ascontiguousarray(Y).reshape(lead + (self.out_channels,) + (geo.Ho, geo.Wo)[2 - self.spatial:])
+
+    def _apply(self, W, P, geo):
+        """``Σ_ij W_ij S_ij``: the convolution of padded inputs P (K_P, M, G, C/G, flat) with weights
+        W (K_W, O, C/G, *kernel), K_P, K_W ∈ {1, K}: (K, M, G, O/G, Ho·Wg)."""
+        taps, (K_P, M), L = self._taps(W), P.shape[:2], geo.Ho * geo.Wg
+        K = max(K_P, W.shape[0])
+        out = np.empty((K, M, self.groups, self.out_channels // self.groups, L), dtype=P.dtype)
+        for rows in self._chunks(M, (K_P * self.in_channels + 2 * K * self.out_channels) * L * P.itemsize):
+            o = out[:, rows]
+            for t, (i, j) in enumerate(np.ndindex(*self._kernel)):
+                y = np.matmul(taps[i, j][:, None], self._slab(P, geo, i, j, rows))
+                if t:
+                    o += y
+                else:
+                    o[...] = y
+        return out
+
+    def _adjoint(self, W, D, geo, summed=False):
+        """``fold(Σ_ij W_ijᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel),
+        grid adjoints D (K_D, M, G, O/G, Ho·Wg) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
+        taps, (K_D, M) = self._taps(W), D.shape[:2]
+        K = max(K_D, W.shape[0])
+        P = np.zeros((1 if summed else K, M, self.groups, self.in_channels // self.groups, geo.flat), dtype=D.dtype)
+        for rows in self._chunks(M, (K * self.in_channels + K_D * self.out_channels) * D.shape[-1] * D.itemsize):
+            for i, j in np.ndindex(*self._kernel):
+                E = np.matmul(np.swapaxes(taps[i, j], -1, -2)[:, None], D[:, rows])  # (K, b, G, C/G, L)
+                if summed and K > 1:
+                    E = E.sum(axis=0, keepdims=True)
+                window = self._window(P, geo, i, j, rows)
+                window += E.reshape(window.shape)
+        (pH, pW), C = self._padding, self.in_channels
+        grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
+        return np.ascontiguousarray(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
+
+    def _correlate(self, D, P, geo, rows=slice(None), per_example=False):
+        """``Σ_l D_l S_ij,lᵀ`` per tap, the adjoint of :meth:`_apply` in its weights: grid adjoints
+        D (K_D, b, G, O/G, Ho·Wg) of the examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel)
+        summed over the examples, or (K, b, O, C/G, *kernel) per example."""
+        K, b, G = max(D.shape[0], P.shape[0]), D.shape[1], self.groups
+        start = rows.start or 0
+        shape = (K,) + ((b,) if per_example else ()) + (G, self.out_channels // G, self.in_channels // G)
+        out = np.zeros(shape + self._kernel, dtype=D.dtype)
+        for sub in self._chunks(b, (P.shape[0] * self.in_channels + D.shape[0] * self.out_channels)
+                                * D.shape[-1] * D.itemsize):
+            Ds, rows_s = D[:, sub], slice(start + sub.start, start + sub.stop)
+            for i, j in np.ndindex(*self._kernel):
+                y = np.matmul(Ds, np.swapaxes(self._slab(P, geo, i, j, rows_s), -1, -2))  # (K, c, G, O/G, C/G)
+                if per_example:
+                    out[:, sub, ..., i, j] = y
+                else:
+                    out[..., i, j] += y.sum(axis=1)
+        return out.reshape(out.shape[:-5] + (self.out_channels, self.in_channels // G) + self.kernel_size)
 
     # -- the four rules --------------------------------------------------------------------------
 
-    def _linear(self, W, I):
-        """``conv(I, W)`` without bias for I (N, C, …): the output (N, O, …), the patch rows and output sizes."""
-        U, sizes = self._patches(I)
-        R = np.matmul(U.transpose(1, 0, 2), self._weight(W).transpose(0, 2, 1))  # (G, N·L, O/G)
-        return np.ascontiguousarray(self._from_rows(R.transpose(1, 0, 2), I.shape[0], sizes)), U, sizes
-
     def forward(self, p, I):
         """Rule 1: ``O = conv(I, W) + b``; I (B, C, [H,] W) -> O (B, O, [Ho,] Wo)."""
-        O, U, sizes = self._linear(p["weight"], I)
+        geo = self._geometry(I.shape)
+        P = self._padded(I, geo)
+        O = self._from_grid(self._apply(p["weight"][None], P[None], geo)[0], geo)
         if self.bias:
             O += p["bias"].reshape((-1,) + (1,) * self.spatial)
-        return O, {"U": U, "shape": I.shape, "sizes": sizes}
+        return O, {"P": P, "shape": I.shape, "geo": geo}
 
     def backward_input(self, p, cache, DO):
         """Rule 2: ``DI = fold(DO W_g)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W), B or 1 (shared)."""
         lead = DO.shape[:-1 - self.spatial]  # the batch axis included: it may be 1
-        DO = DO.reshape((-1,) + DO.shape[-1 - self.spatial:])
-        DI = self._fold_product(self._to_rows(DO)[None], p["weight"][None], cache)
+        D = self._to_grid(DO.reshape((-1,) + DO.shape[-1 - self.spatial:]), cache["geo"])
+        DI = self._adjoint(p["weight"][None], D[None], cache["geo"])
         return DI.reshape(lead + tuple(cache["shape"][1:]))
 
-    def _param_grads(self, R, U, out, bias_from):
-        """``DW = Rᵀ U`` per group and direction into ``out``; R (..., N·L, G, O/G), U (..., N·L, G, J)."""
-        W = np.matmul(np.moveaxis(R, -3, -1), np.moveaxis(U, -3, -2))  # (..., G, O/G, J)
-        shape = W.shape[:-3] + (self.out_channels, self.in_channels // self.groups) + self.kernel_size
-        if out.get("weight") is None:
-            out["weight"] = W.reshape(shape)
-        else:
-            out["weight"][...] = W.reshape(shape)
-        if self.bias and bias_from is not None:
-            axes = (-2 - self.spatial,) + tuple(range(-self.spatial, 0))
-            out["bias"] = np.sum(bias_from, axis=axes, out=out.get("bias"))
-        return out
+    def _bias_grads(self, D):
+        """Per-example bias gradients (…, B, O): D summed over the output positions."""
+        return D.sum(axis=tuple(range(-self.spatial, 0)))
 
     def backward_params(self, p, cache, DO, out=None):
         """Rule 2: ``DW_g = DOᵀ U``, ``Db = Σ DO``; DO (B, O, …) -> weight (O, C/G, *kernel), or per direction
         for DO (k, B, O, …) -> (k, O, C/G, *kernel)."""
-        return self._param_grads(self._to_rows(DO), cache["U"], {} if out is None else out, DO)
+        out = {} if out is None else out
+        per_direction = DO.ndim == 3 + self.spatial
+        D = self._to_grid(DO if per_direction else DO[None], cache["geo"])
+        W = self._correlate(D, cache["P"][None], cache["geo"])
+        W = W if per_direction else W[0]
+        if out.get("weight") is None:
+            out["weight"] = W
+        else:
+            out["weight"][...] = W
+        if self.bias:
+            out["bias"] = np.sum(self._bias_grads(DO), axis=-2, out=out.get("bias"))
+        return out
 
     def tangent(self, p, cache, dI, dp):
         """Rule 3: ``Ȯ_k = conv(İ_k, W) + conv(I, Ẇ_k) + ḃ_k``; dI (k, B or 1, C, …) -> dO (k, B, O, …)."""
-        dO = None
+        geo, dO = cache["geo"], None
         if dI is not None:
-            dO = self._linear(p["weight"], dI.reshape((-1,) + dI.shape[2:]))[0]
+            P = self._padded(dI.reshape((-1,) + dI.shape[2:]), geo)
+            dO = self._from_grid(self._apply(p["weight"][None], P[None], geo)[0], geo)
             dO = dO.reshape(dI.shape[:2] + dO.shape[1:])
         if dp is not None:
-            U = cache["U"].transpose(1, 0, 2)[None]  # (1, G, N·L, J)
-            R = np.matmul(U, self._weight(dp["weight"]).transpose(0, 1, 3, 2))  # (k, G, N·L, O/G)
-            from_params = self._from_rows(R.transpose(0, 2, 1, 3), cache["shape"][0], cache["sizes"])
+            from_params = self._from_grid(self._apply(dp["weight"], cache["P"][None], geo), geo)  # (k, B, O, …)
             if self.bias:
                 from_params += dp["bias"].reshape(dp["bias"].shape + (1,) * self.spatial)[:, None]
             dO = from_params if dO is None else dO + from_params
@@ -204,55 +270,43 @@ class _Conv:
         Returns DI_k (k, B, C, …) and ``{"weight": (k, O, C/G, *kernel)}``; with ``summed`` their sums over k.
         """
         DI = grads = None
-        B = cache["shape"][0]
+        geo, B, shared_dod = cache["geo"], cache["shape"][0], DOD.ndim == 2 + self.spatial
         if dp is not None and need_input:
-            R = self._to_rows(DOD)  # (N·L, G, O/G) or (k, N·L, G, O/G)
-            DI = self._fold_product(R if R.ndim == 4 else R[None], dp["weight"], cache, summed)
+            D = self._to_grid(DOD[None] if shared_dod else DOD, geo)
+            DI = self._adjoint(dp["weight"], D, geo, summed)
             if not summed:
                 DI = DI.reshape((-1,) + tuple(cache["shape"]))
         if dI is not None:
             k, Bt = dI.shape[:2]
+            DOD = DOD[None] if shared_dod else DOD
             if Bt == 1 and B != 1:  # a tangent shared by all examples: DOD summed over the batch first
-                DOD = DOD.sum(axis=DOD.ndim - 2 - self.spatial, keepdims=True)
-            U, _ = self._patches(dI.reshape((-1,) + dI.shape[2:]))
-            U = U.reshape((k, -1) + U.shape[1:])  # (k, Bt·L, G, J)
-            R = self._to_rows(DOD)
-            if summed:
-                if R.ndim == 3:  # one DOD for every direction: Σ_k DODᵀ U_k = DODᵀ Σ_k U_k
-                    grads = self._param_grads(R, U.sum(axis=0), {}, None)
-                else:
-                    grads = self._param_grads(R.reshape((-1,) + R.shape[2:]), U.reshape((-1,) + U.shape[2:]),
-                                              {}, None)
-            else:
-                grads = self._param_grads(R, U, {}, None)
-            grads = {"weight": grads["weight"]}
+                DOD = DOD.sum(axis=1, keepdims=True)
+            if summed and shared_dod:  # one DOD for every direction: Σ_k DODᵀ unfold(İ_k) = DODᵀ unfold(Σ_k İ_k)
+                dI = dI.sum(axis=0, keepdims=True)
+            P = self._padded(dI.reshape((-1,) + dI.shape[2:]), geo).reshape(dI.shape[:2] + (self.groups, -1, geo.flat))
+            D = self._to_grid(DOD, geo)
+            if summed and not shared_dod:
+                D, P = D.reshape((1, -1) + D.shape[2:]), P.reshape((1, -1) + P.shape[2:])
+            W = self._correlate(D, P, geo)
+            grads = {"weight": W[0] if summed else W}
         return DI, grads
 
     # -- per-example pieces (hvp.per_example) ------------------------------------------------------
 
     PER_EXAMPLE_BYTES = 16 << 20  # per-example gradients are formed in blocks of examples of about this size
 
-    def _example_grads(self, cache, D, rows, U=None):
+    def _example_grads(self, cache, D, rows, P=None):
         """Per-example weight gradients (K, b, O, C/G, *kernel) of the examples ``rows`` from their adjoints
-        D (K, b, O, …): ``g_kb = Σ_l D_kbl ⊗ U_bl`` per group, the sum over output positions l one matmul;
-        U (b or 1, L, G, J) the patches, by default the input's."""
-        B, G = cache["shape"][0], self.groups
-        if U is None:
-            U = cache["U"].reshape(B, -1, G, cache["U"].shape[-1])[rows]  # (b, L, G, J)
-        R = self._to_rows(D)  # (K, b·L, G, O/G)
-        R = R.reshape((R.shape[0], D.shape[1]) + U.shape[1:3] + (-1,))  # (K, b, L, G, O/G)
-        g = np.matmul(R.transpose(0, 1, 3, 4, 2), U.transpose(0, 2, 1, 3))  # (K, b, G, O/G, J)
-        return g.reshape(g.shape[:2] + (self.out_channels, self.in_channels // G) + self.kernel_size)
+        D (K, b, O, …): ``g_kb = Σ_l D_kbl ⊗ u_bl`` per group; P (B or 1, G, C/G, flat) the padded inputs
+        whose patches u are, by default the layer's input."""
+        P = cache["P"] if P is None else P
+        return self._correlate(self._to_grid(D, cache["geo"]), P[None], cache["geo"], rows, per_example=True)
 
     def _blocks(self, cache, K):
         B = cache["shape"][0]
-        per_example = K * self.out_channels * self.fan_in * cache["U"].itemsize * self.groups
+        per_example = K * self.out_channels * self.fan_in * cache["P"].itemsize * self.groups
         size = max(1, self.PER_EXAMPLE_BYTES // per_example)
         return [slice(start, start + size) for start in range(0, B, size)]
-
-    def _bias_grads(self, D):
-        """Per-example bias gradients (…, B, O): D summed over the output positions."""
-        return D.sum(axis=tuple(range(-self.spatial, 0)))
 
     def batch_grad(self, p, cache, DO, out, rows=slice(None)):
         """Per-example gradients of the examples ``rows``: weight (b, O, C/G, *kernel), bias (b, O)."""
@@ -285,21 +339,24 @@ class _Conv:
         per group, ``(g_b)_b = Σ_l DO_bl``; dI (k, B or 1, C, …) or None, DO (B, O, …), DOD (k, B, O, …)."""
         k = 0 if dI is None else dI.shape[0]
         if k:
-            dU = self._patches(dI.reshape((-1,) + dI.shape[2:]))[0]
-            dU = dU.reshape((k, dI.shape[1], -1) + dU.shape[1:])  # (k, B or 1, L, G, J)
+            dP = self._padded(dI.reshape((-1,) + dI.shape[2:]), cache["geo"])
+            dP = dP.reshape((k, dI.shape[1]) + dP.shape[1:])  # (k, B or 1, G, C/G, flat)
         out["weight"][...] = 0
         for rows in self._blocks(cache, 1 + k):
             g = self._example_grads(cache, DO[None, rows], rows)[0]
             for j in range(k):
-                g += self._example_grads(cache, DOD[j][None, rows], rows, dU[j] if dU.shape[1] == 1 else dU[j][rows])[0]
+                g += self._example_grads(cache, DOD[j][None, rows], rows, dP[j])[0]
             out["weight"] += np.square(g).sum(axis=0)
         if self.bias:
             out["bias"][...] = np.square(self._bias_grads(DO)).sum(axis=0)
 
     def diagonal_squares(self, p, cache, d, out):
         """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, O, …) at the output: rule 2's ``DW_g = dᵀ U``
-        with squared patches, ``dᵀ (U²)``, and ``Σ d`` over examples and positions for the bias."""
-        self._param_grads(self._to_rows(d), np.square(cache["U"]), out, d)
+        with squared patches (the patches of I², padding included), and ``Σ d`` for the bias."""
+        W = self._correlate(self._to_grid(d, cache["geo"])[None], np.square(cache["P"])[None], cache["geo"])[0]
+        out["weight"][...] = W
+        if self.bias:
+            out["bias"][...] = self._bias_grads(d).sum(axis=0)
 
     def input_curvature(self, p, cache, DO):
         """None: O is linear in I."""
@@ -318,28 +375,42 @@ class _Conv:
 
     # -- K-FAC's Kronecker factors (hvp.kfac) ------------------------------------------------------
 
+    def _patch_gram(self, cache):
+        """``Σ_{b,l} u uᵀ`` (G, J, J) and ``Σ_{b,l} u`` (G, J) over the patches u of every example and output
+        position, J = (C/G)·kH·kW in the weight's order; the patches formed a few examples at a time."""
+        geo, P, G = cache["geo"], cache["P"], self.groups
+        Cg, taps = self.in_channels // G, len(list(np.ndindex(*self._kernel)))
+        J = Cg * taps
+        A, s = np.zeros((G, J, J), dtype=P.dtype), np.zeros((G, J), dtype=P.dtype)
+        for rows in self._chunks(P.shape[0], 2 * taps * self.in_channels * geo.Ho * geo.Wg * P.itemsize):
+            U = np.stack([self._slab(P, geo, i, j, rows) for i, j in np.ndindex(*self._kernel)], axis=3)
+            U = U.reshape(U.shape[:-1] + (geo.Ho, geo.Wg))[..., :geo.Wo]  # (b, G, C/G, taps, Ho, Wo)
+            U = U.reshape(U.shape[:2] + (J, -1))
+            A += np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0)
+            s += U.sum(axis=(0, 3))
+        return A, s
+
     def kronecker_factors(self, cache, D):
         """K-FAC's factors with every output position as an example (Grosse & Martens 2016; "expand"), per
-        group g: ``A_g = mean_{b,l} ū ūᵀ`` over the patches ū = [U_g, 1] (J+1, J+1), ``G_g = Σ_{k,b,l} d_g d_gᵀ``
+        group g: ``A_g = mean_{b,l} ū ūᵀ`` over the patches ū = [u_g, 1] (J+1, J+1), ``G_g = Σ_{k,b,l} d_g d_gᵀ``
         (O/G, O/G) for output-side columns D (K, B, O, …); stacked (G, ·, ·) when there are several groups,
         whose weights form a block-diagonal matrix."""
-        G = self.groups
-        U = cache["U"].transpose(1, 0, 2)  # (G, B·L, J)
-        n, J = U.shape[1:]
-        A = np.matmul(U.transpose(0, 2, 1), U)
+        G, geo = self.groups, cache["geo"]
+        A, s = self._patch_gram(cache)
+        n = cache["shape"][0] * geo.Ho * geo.Wo
         if self.bias:
-            s = U.sum(axis=1)
             A = np.concatenate([np.concatenate([A, s[:, :, None]], axis=2),
-                                np.concatenate([s, np.full((G, 1), n, dtype=U.dtype)], axis=1)[:, None, :]], axis=1)
-        R = self._to_rows(D).reshape(-1, G, self.out_channels // G).transpose(1, 0, 2)  # (G, K·B·L, O/G)
-        A, Gm = A / U.dtype.type(n), np.matmul(R.transpose(0, 2, 1), R)
+                                np.concatenate([s, np.full((G, 1), n, dtype=A.dtype)], axis=1)[:, None, :]], axis=1)
+        R = D.reshape((-1, G, self.out_channels // G, geo.Ho * geo.Wo))  # (K·B, G, O/G, L)
+        A, Gm = A / A.dtype.type(n), np.matmul(R, np.swapaxes(R, -1, -2)).sum(axis=0)
         return (A[0], Gm[0]) if G == 1 else (A, Gm)
 
     def kronecker_matrix(self, p):
         """The parameters as K-FAC's matrices ``W̄_g = [W_gᵀ; b_g]`` (..., [G,] J+1, O/G), W_g (O/G, J) group g's
         filters as rows; the group axis only when there are several."""
         G = self.groups
-        M = np.swapaxes(self._weight(p["weight"]), -1, -2)  # (..., G, J, O/G)
+        W = p["weight"]
+        M = np.swapaxes(W.reshape(W.shape[:-2 - self.spatial] + (G, self.out_channels // G, -1)), -1, -2)
         if self.bias:
             b = p["bias"]
             M = np.concatenate([M, b.reshape(b.shape[:-1] + (G, 1, -1))], axis=-2)
