@@ -254,7 +254,8 @@ def tangent_sum_grad_squared(net, loss, theta, X, y, directions):
     for i, layer in enumerate(net.layers):
         if layer.param_shapes() and not hasattr(layer, "tangent_grad_squares"):
             raise TypeError(f"tangent_sum_grad_squared needs the rule tangent_grad_squares of the layer contract "
-                            f"(Linear and convolution layers give it); layer {i} ({describe(layer)}) has none")
+                            f"(Linear, convolution and Residual layers give it); layer {i} ({describe(layer)}) "
+                            "has none")
     _, params, X, dX, _ = _prepare(net, theta, X, directions)
     O, caches, tangent_inputs, dO = _forward(net, params, X, dX)
     _, DO, DOD = _loss_adjoints(loss, O, dO, y)

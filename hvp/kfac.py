@@ -61,19 +61,39 @@ def default_kind(num_outputs):
 
 
 def kronecker_layers(net):
-    """Indices of the layers with parameters; each must offer the Kronecker rules of the layer contract."""
-    indices = []
-    for i, layer in enumerate(net.layers):
-        if layer.param_shapes():
+    """K-FAC's blocks in θ's order, ``{key: layer}``: one per layer with parameters, keyed by its index in
+    ``net.layers``, or by its path ``(i, j, …)`` inside residual blocks (layer j of the branch of the block at i).
+    Each must offer the Kronecker rules of the layer contract."""
+    units = {}
+
+    def visit(path, layer):
+        if hasattr(layer, "branch"):  # a block O = I + f(I): the blocks of f's layers
+            for j, inner in enumerate(layer.layers):
+                visit(path + (j,), inner)
+        elif layer.param_shapes():
+            key = path[0] if len(path) == 1 else path
             if not hasattr(layer, "kronecker_factors"):
                 raise TypeError(f"K-FAC needs Kronecker factors for every layer with parameters; "
-                                f"layer {i} ({describe(layer)}) has none")
-            indices.append(i)
-    return indices
+                                f"layer {key} ({describe(layer)}) has none")
+            units[key] = layer
+
+    for i, layer in enumerate(net.layers):
+        visit((i,), layer)
+    return units
+
+
+def block_views(views, key):
+    """The parameter views of K-FAC's block ``key`` among ``net.unflatten(V)``: a layer's own dict, or for a
+    path (i, j, …) the entries of layer i's named ``"j.….<name>"``, by ``<name>``."""
+    if not isinstance(key, tuple):
+        return views[key]
+    prefix = "".join(f"{j}." for j in key[1:])
+    return {name[len(prefix):]: view for name, view in views[key[0]].items() if name.startswith(prefix)}
 
 
 def batch_factors(pt, kind="exact", num_samples=1, rng=None):
-    """``{layer index: (A, G)}`` for one linearization: A from each layer's input, G from backpropagated columns.
+    """``{block key: (A, G)}`` for one linearization (keys of :func:`kronecker_layers`): A from each layer's
+    input, G from backpropagated columns, carried into residual branches by their ``branch`` rule.
 
     Parameters
     ----------
@@ -84,23 +104,30 @@ def batch_factors(pt, kind="exact", num_samples=1, rng=None):
     rng : anything ``numpy.random.default_rng`` takes
         For ``"mc"``.
     """
-    indices = kronecker_layers(pt.net)
+    units = kronecker_layers(pt.net)
     if kind == "empirical":
         N = pt.theta.dtype.type(np.sqrt(pt.loss_fn.normalizer(pt.outputs)))
-        return {i: pt.net.layers[i].kronecker_factors(pt.caches[i], N * pt.adjoints[i][None]) for i in indices}
-    if kind == "exact":
-        S = pt.loss_fn.hessian_sqrt(pt.loss_cache)
+        D, adjoints = None, [N * DO[None] for DO in pt.adjoints]
     else:
-        S = pt.loss_fn.sample_hessian_sqrt(pt.loss_cache, num_samples, np.random.default_rng(rng))
-    D = S.astype(pt.theta.dtype, copy=False)  # (K, B, C): columns at the network's output, pushed back layer by layer
+        S = pt.loss_fn.hessian_sqrt(pt.loss_cache) if kind == "exact" else \
+            pt.loss_fn.sample_hessian_sqrt(pt.loss_cache, num_samples, np.random.default_rng(rng))
+        D, adjoints = S.astype(pt.theta.dtype, copy=False), None  # (K, B, C): pushed back layer by layer
     factors = {}
-    for i in reversed(range(indices[0], len(pt.net.layers))):
+
+    def visit(path, layer, p, cache, D):
+        if hasattr(layer, "branch"):
+            for j, (inner, q, c, Dj, _) in enumerate(layer.branch(p, cache, D, None)):
+                visit(path + (j,), inner, q, c, Dj)
+        elif layer.param_shapes():
+            factors[path[0] if len(path) == 1 else path] = layer.kronecker_factors(cache, D)
+
+    first = min(key[0] if isinstance(key, tuple) else key for key in units)
+    for i in reversed(range(first, len(pt.net.layers))):
         layer, p, cache = pt.net.layers[i], pt.params[i], pt.caches[i]
-        if i in indices:
-            factors[i] = layer.kronecker_factors(cache, D)
-        if i > indices[0]:
+        visit((i,), layer, p, cache, D if adjoints is None else adjoints[i])
+        if i > first and adjoints is None:
             D = layer.backward_input(p, cache, D)
-    return {i: factors[i] for i in indices}
+    return {key: factors[key] for key in units}
 
 
 class KroneckerFactored(LinearOperator):
@@ -120,8 +147,8 @@ class KroneckerFactored(LinearOperator):
     def __init__(self, net, factors, l2, dtype):
         super().__init__(dtype=np.dtype(dtype), shape=(net.num_params, net.num_params))
         self.net, self.l2 = net, l2
-        self._layers = sorted(factors)
-        self.factors = [factors[i] for i in self._layers]
+        self._units = kronecker_layers(net)
+        self.factors = [factors[key] for key in self._units]
         self._weight_mask = net.weight_mask()
         self._eigen = None  # eigendecompositions of the factors, computed once, on the first inverse
         self._inverses = {}  # γ -> per layer the damped factors' inverses (pi=True)
@@ -131,9 +158,9 @@ class KroneckerFactored(LinearOperator):
         views = self.net.unflatten(V)
         out = np.zeros_like(V)
         out_views = self.net.unflatten(out)
-        for j, i in enumerate(self._layers):
-            layer = self.net.layers[i]
-            layer.from_kronecker_matrix(apply(j, layer.kronecker_matrix(views[i])), out_views[i])
+        for j, (key, layer) in enumerate(self._units.items()):
+            layer.from_kronecker_matrix(apply(j, layer.kronecker_matrix(block_views(views, key))),
+                                        block_views(out_views, key))
         return out
 
     def _rows_product(self, V, apply, l2):

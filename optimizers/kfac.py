@@ -167,13 +167,13 @@ class KFAC(Optimizer):
             if f"{name}_A0" not in arrays:
                 continue
             factors = {}
-            for j, i in enumerate(kronecker.kronecker_layers(self.net)):
-                size = sum(int(np.prod(shape)) for _, shape in self.net.layers[i].param_shapes())
+            for j, (key, layer) in enumerate(kronecker.kronecker_layers(self.net).items()):
+                size = sum(int(np.prod(shape)) for _, shape in layer.param_shapes())
                 A, G = (_checkpoint.matrix(arrays, f"{name}_{F}{j}", dtype) for F in "AG")
                 if A.size // A.shape[-1] * G.shape[-1] != size:
                     raise ValueError(f"state {name}_A{j} and {name}_G{j} have shapes {A.shape} and {G.shape}, "
-                                     f"whose product is not layer {i}'s {size} parameters")
-                factors[i] = (A, G)
+                                     f"whose product is not layer {key}'s {size} parameters")
+                factors[key] = (A, G)
             if name == "average":
                 self._factors = factors
             else:

@@ -52,7 +52,8 @@ patches), and columns by ``grad_squares`` with weights c. One whose parameters e
 per example (Linear) sets ``output_diagonal_only = True``: the diagonal of ∇²_O L is all it needs, summed
 over every term and read once by ``diagonal_squares``. A block ``O = I + f(I)`` gives instead
 ``branch(p, cache, DO, out)``: per layer of f, ``(layer, p_j, cache_j, DO_j, out_j)``, DO_j the adjoint at
-its output and out_j its views into ``out``.
+its output and out_j its views into ``out``; such a block lists f's layers in ``layers``, their parameters
+named ``"<j>.<name>"``, and K-FAC gives each of them its own Kronecker block through ``branch``.
 
 ``p`` is the layer's dict of parameter views (``net.unflatten``), ``cache``
 what ``forward`` returned, ``param_shapes()`` the names and shapes of the parameters in θ's

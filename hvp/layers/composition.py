@@ -296,7 +296,7 @@ class Residual:
     def branch(self, p, cache, DO, out):
         """f's layers for the Hessian diagonal: ``(layer, p_j, cache_j, DO_j, out_j)`` per layer of f, DO_j the
         adjoint at its output for the block's output adjoint DO (those kept by the gradient's pass, or carried
-        back through f again) and out_j its views into ``out``."""
+        back through f again) and out_j its views into ``out`` (None without ``out``)."""
         kept = cache.get("adjoints")
         if kept is not None and kept[0] is DO and all(a is not None for a in kept[1]):
             adjoints = kept[1]
@@ -306,8 +306,24 @@ class Residual:
                 adjoints[j] = D
                 if j > 0:
                     D = self.layers[j].backward_input(self._split(p)[j] or {}, cache["caches"][j], D)
-        return [(layer, q or {}, c, a, self._sub_views(j, out))
+        return [(layer, q or {}, c, a, None if out is None else self._sub_views(j, out))
                 for j, (layer, q, c, a) in enumerate(zip(self.layers, self._split(p), cache["caches"], adjoints))]
+
+    def tangent_grad_squares(self, p, cache, dI, DO, DOD, out):
+        """``Σ_b g_b²`` of f's parameters for a loss on tangents (DO (B, …), DOD (k, B, …), dI (k, B or 1, …) or
+        None): each layer's own rule on its input tangent and the adjoints at its output, carried back through f
+        as the backward pass of :func:`hvp.tangent_loss_and_grad` does (DO with f's rule-4 cross terms)."""
+        params, caches = self._split(p), cache["caches"]
+        inputs = self._inner_tangents(p, cache, dI, None)[0]
+        for j in reversed(range(len(self.layers))):
+            layer, q = self.layers[j], params[j] or {}
+            if q:
+                layer.tangent_grad_squares(q, caches[j], inputs[j], DO, DOD, self._sub_views(j, out))
+            if j > 0:
+                cross, _ = layer.tangent_backward(q, caches[j], inputs[j], None, DOD, summed=True)
+                DO = layer.backward_input(q, caches[j], DO)
+                DO = DO if cross is None else DO + cross
+                DOD = layer.backward_input(q, caches[j], DOD)
 
     def batch_l2(self, p, cache, DO):
         """``‖g_b‖²`` (B,) of f's parameters."""

@@ -110,11 +110,17 @@ class _Conv:
         return _Geometry(H, W, Hp, Wp, Ho, Wo, Wp if shifted else Wo, shifted,
                          Hp * Wp + (dW * (kW - 1) if shifted else 0))
 
-    def _taps(self, W):
-        """Weights (K, O, C/G, *kernel) -> (kH, kW, K, G, O/G, C/G), contiguous per tap."""
-        G = self.groups
-        W = W.reshape((W.shape[0], G, self.out_channels // G, self.in_channels // G) + self._kernel)
-        return np.ascontiguousarray(np.moveaxis(W, (-2, -1), (0, 1)))
+    def _tap_weights(self, W):
+        """Weights (K, O, C/G, *kernel) -> (K, G, O/G, J), J = kH·kW·(C/G) in the patches' order (taps first)."""
+        G, Cg = self.groups, self.in_channels // self.groups
+        W = W.reshape((W.shape[0], G, self.out_channels // G, Cg, -1))
+        return np.swapaxes(W, -1, -2).reshape(W.shape[:3] + (-1,))
+
+    def _from_tap_weights(self, W):
+        """(..., G, O/G, J) in the patches' order -> weights (..., O, C/G, *kernel)."""
+        Cg = self.in_channels // self.groups
+        W = np.swapaxes(W.reshape(W.shape[:-1] + (-1, Cg)), -1, -2)  # (..., G, O/G, C/G, taps)
+        return W.reshape(W.shape[:-4] + (self.out_channels, Cg) + self.kernel_size)
 
     def _padded(self, X, geo):
         """Inputs (M, C, [H,] W) -> zero-padded and flat per channel, (M, G, C/G, flat)."""
@@ -135,10 +141,15 @@ class _Conv:
         grid = P.reshape(P.shape[:-1] + (geo.Hp, geo.Wp))[..., rows, :, :, :, :]
         return grid[..., i * dH:i * dH + sH * (geo.Ho - 1) + 1:sH, j * dW:j * dW + sW * (geo.Wo - 1) + 1:sW]
 
-    def _slab(self, P, geo, i, j, rows):
-        """Tap (i, j)'s inputs as matrices (..., b, G, C/G, Ho·Wg): a view when shifted, else a copy."""
-        S = self._window(P, geo, i, j, rows)
-        return S if geo.shifted else S.reshape(S.shape[:-2] + (-1,))
+    def _patches(self, P, geo, rows):
+        """The patches of the examples ``rows`` of padded P (K_P, M, G, C/G, flat): (K_P, b, G, J, Ho·Wg), J in
+        the order (tap, channel); formed a few examples at a time, so that they stay in cache."""
+        taps, Cg = list(np.ndindex(*self._kernel)), self.in_channels // self.groups
+        lead = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
+        U = np.empty(lead + (len(taps), Cg, geo.Ho, geo.Wg), dtype=P.dtype)
+        for t, (i, j) in enumerate(taps):
+            U[..., t, :, :, :] = self._window(P, geo, i, j, rows).reshape(lead + (Cg, geo.Ho, geo.Wg))
+        return U.reshape(lead + (-1, geo.Ho * geo.Wg))
 
     def _chunks(self, n, per_example):
         size = max(1, self.CHUNK_BYTES // max(1, per_example))
@@ -160,57 +171,53 @@ class _Conv:
         Y = Y.reshape(lead + (self.out_channels, geo.Ho, geo.Wg))[..., :geo.Wo]
         return np.ascontiguousarray(Y).reshape(lead + (self.out_channels,) + (geo.Ho, geo.Wo)[2 - self.spatial:])
 
+    def _patch_bytes(self, K_P, K_other, channels, geo, itemsize):
+        """Bytes per example of a chunk: K_P examples' patches and K_other arrays of ``channels`` rows."""
+        return (K_P * self.fan_in * self.groups + K_other * channels) * geo.Ho * geo.Wg * itemsize
+
     def _apply(self, W, P, geo):
-        """``Σ_ij W_ij S_ij``: the convolution of padded inputs P (K_P, M, G, C/G, flat) with weights
-        W (K_W, O, C/G, *kernel), K_P, K_W ∈ {1, K}: (K, M, G, O/G, Ho·Wg)."""
-        taps, (K_P, M), L = self._taps(W), P.shape[:2], geo.Ho * geo.Wg
+        """``W U``: the convolution of padded inputs P (K_P, M, G, C/G, flat) with weights W (K_W, O, C/G, *kernel),
+        K_P, K_W ∈ {1, K}: (K, M, G, O/G, Ho·Wg)."""
+        Wt, (K_P, M) = self._tap_weights(W)[:, None], P.shape[:2]
         K = max(K_P, W.shape[0])
-        out = np.empty((K, M, self.groups, self.out_channels // self.groups, L), dtype=P.dtype)
-        for rows in self._chunks(M, (K_P * self.in_channels + 2 * K * self.out_channels) * L * P.itemsize):
-            o = out[:, rows]
-            for t, (i, j) in enumerate(np.ndindex(*self._kernel)):
-                y = np.matmul(taps[i, j][:, None], self._slab(P, geo, i, j, rows))
-                if t:
-                    o += y
-                else:
-                    o[...] = y
+        out = np.empty((K, M, self.groups, self.out_channels // self.groups, geo.Ho * geo.Wg), dtype=P.dtype)
+        for rows in self._chunks(M, self._patch_bytes(K_P, K, self.out_channels, geo, P.itemsize)):
+            np.matmul(Wt, self._patches(P, geo, rows), out=out[:, rows])
         return out
 
     def _adjoint(self, W, D, geo, summed=False):
-        """``fold(Σ_ij W_ijᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel),
-        grid adjoints D (K_D, M, G, O/G, Ho·Wg) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
-        taps, (K_D, M) = self._taps(W), D.shape[:2]
+        """``fold(Wᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel), grid
+        adjoints D (K_D, M, G, O/G, Ho·Wg) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
+        Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2)[:, None], D.shape[:2]
+        Cg = self.in_channels // self.groups
         K = max(K_D, W.shape[0])
-        P = np.zeros((1 if summed else K, M, self.groups, self.in_channels // self.groups, geo.flat), dtype=D.dtype)
-        for rows in self._chunks(M, (K * self.in_channels + K_D * self.out_channels) * D.shape[-1] * D.itemsize):
-            for i, j in np.ndindex(*self._kernel):
-                E = np.matmul(np.swapaxes(taps[i, j], -1, -2)[:, None], D[:, rows])  # (K, b, G, C/G, L)
-                if summed and K > 1:
-                    E = E.sum(axis=0, keepdims=True)
+        P = np.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), dtype=D.dtype)
+        for rows in self._chunks(M, self._patch_bytes(K, K_D, self.out_channels, geo, D.itemsize)):
+            E = np.matmul(Wt, D[:, rows])  # (K, b, G, J, Ho·Wg)
+            if summed and K > 1:
+                E = E.sum(axis=0, keepdims=True)
+            E = E.reshape(E.shape[:3] + (-1, Cg, E.shape[-1]))  # (K, b, G, taps, C/G, Ho·Wg)
+            for t, (i, j) in enumerate(np.ndindex(*self._kernel)):
                 window = self._window(P, geo, i, j, rows)
-                window += E.reshape(window.shape)
+                window += E[..., t, :, :].reshape(window.shape)
         (pH, pW), C = self._padding, self.in_channels
         grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
         return np.ascontiguousarray(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
 
     def _correlate(self, D, P, geo, rows=slice(None), per_example=False):
-        """``Σ_l D_l S_ij,lᵀ`` per tap, the adjoint of :meth:`_apply` in its weights: grid adjoints
-        D (K_D, b, G, O/G, Ho·Wg) of the examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel)
-        summed over the examples, or (K, b, O, C/G, *kernel) per example."""
-        K, b, G = max(D.shape[0], P.shape[0]), D.shape[1], self.groups
-        start = rows.start or 0
-        shape = (K,) + ((b,) if per_example else ()) + (G, self.out_channels // G, self.in_channels // G)
-        out = np.zeros(shape + self._kernel, dtype=D.dtype)
-        for sub in self._chunks(b, (P.shape[0] * self.in_channels + D.shape[0] * self.out_channels)
-                                * D.shape[-1] * D.itemsize):
-            Ds, rows_s = D[:, sub], slice(start + sub.start, start + sub.stop)
-            for i, j in np.ndindex(*self._kernel):
-                y = np.matmul(Ds, np.swapaxes(self._slab(P, geo, i, j, rows_s), -1, -2))  # (K, c, G, O/G, C/G)
-                if per_example:
-                    out[:, sub, ..., i, j] = y
-                else:
-                    out[..., i, j] += y.sum(axis=1)
-        return out.reshape(out.shape[:-5] + (self.out_channels, self.in_channels // G) + self.kernel_size)
+        """``D Uᵀ``, the adjoint of :meth:`_apply` in its weights: grid adjoints D (K_D, b, G, O/G, Ho·Wg) of the
+        examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel) summed over the examples, or
+        (K, b, O, C/G, *kernel) per example."""
+        K, b, start = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0
+        out = np.zeros((K,) + ((b,) if per_example else ()) + D.shape[2:4] + (self.fan_in,), dtype=D.dtype)
+        for sub in self._chunks(b, self._patch_bytes(P.shape[0], D.shape[0], self.out_channels, geo, D.itemsize)):
+            U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))
+            y = np.matmul(D[:, sub], np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
+            if per_example:
+                out[:, sub] = y
+            else:
+                out += y.sum(axis=1)
+        return self._from_tap_weights(out)
 
     # -- the four rules --------------------------------------------------------------------------
 
@@ -377,15 +384,13 @@ class _Conv:
 
     def _patch_gram(self, cache):
         """``Σ_{b,l} u uᵀ`` (G, J, J) and ``Σ_{b,l} u`` (G, J) over the patches u of every example and output
-        position, J = (C/G)·kH·kW in the weight's order; the patches formed a few examples at a time."""
-        geo, P, G = cache["geo"], cache["P"], self.groups
-        Cg, taps = self.in_channels // G, len(list(np.ndindex(*self._kernel)))
-        J = Cg * taps
-        A, s = np.zeros((G, J, J), dtype=P.dtype), np.zeros((G, J), dtype=P.dtype)
-        for rows in self._chunks(P.shape[0], 2 * taps * self.in_channels * geo.Ho * geo.Wg * P.itemsize):
-            U = np.stack([self._slab(P, geo, i, j, rows) for i, j in np.ndindex(*self._kernel)], axis=3)
-            U = U.reshape(U.shape[:-1] + (geo.Ho, geo.Wg))[..., :geo.Wo]  # (b, G, C/G, taps, Ho, Wo)
-            U = U.reshape(U.shape[:2] + (J, -1))
+        position, J = (C/G)·kH·kW in the weight's order."""
+        geo, P, G, Cg = cache["geo"], cache["P"][None], self.groups, self.in_channels // self.groups
+        A, s = np.zeros((G, self.fan_in, self.fan_in), dtype=P.dtype), np.zeros((G, self.fan_in), dtype=P.dtype)
+        for rows in self._chunks(P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize)):
+            U = self._patches(P, geo, rows)[0]  # (b, G, J, Ho·Wg), J = (tap, channel)
+            U = U.reshape(U.shape[:2] + (-1, Cg, geo.Ho, geo.Wg))[..., :geo.Wo]
+            U = np.swapaxes(U, 2, 3).reshape(U.shape[:2] + (self.fan_in, -1))  # J = (channel, tap), valid positions
             A += np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0)
             s += U.sum(axis=(0, 3))
         return A, s
