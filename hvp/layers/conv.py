@@ -1,34 +1,30 @@
-"""Convolutions: Linear layers applied to unfolded input patches (DESIGN.md §7).
+"""Convolutions: Linear layers applied to the input's patches (DESIGN.md §7).
 
-Unfolding the padded input of shape (N, C, H, W) gives one row of patch values per output
-position, ``U`` (N·L, G, J), L = H_out·W_out positions, G groups, J = (C/G)·kH·kW values per
-patch in the order of the weight's axes. Then, per group g,
+Per example n and group g, with the patches U_n (G, J, L) of the padded input (J = kH·kW·(C/G) values at
+each of L = H_out·W_out output positions) and the weights as W_g (O/G, J),
 
-    O[n, g, :, l] = W_g U[n·L + l, g]ᵀ + b_g,        W_g = weight[g·O/G:(g+1)·O/G] as (O/G, J),
+    O[n, g] = W_g U_n,g + b_g        (O/G, L),
 
-and the four rules are those of :class:`~hvp.layers.dense.Linear` with fold, the adjoint of
-unfold, wherever an input-side quantity comes back:
+and the four rules are those of :class:`~hvp.layers.dense.Linear`, with fold (the adjoint of forming
+patches) wherever an input-side quantity comes back:
 
-1. forward ``O = U W_gᵀ + b``; 2. backward ``DI = fold(DO W_g)``, ``DW_g = DOᵀ U``, ``Db = Σ DO``;
-3. tangent ``Ȯ = unfold(İ) W_gᵀ + U Ẇ_gᵀ + ḃ``;
-4. cross terms ``DI_k = fold(DOD Ẇ_k,g)``, ``DW_k = DODᵀ unfold(İ_k)``;
+1. forward ``O = W U + b``; 2. backward ``DI = fold(Wᵀ DO)``, ``DW = Σ_n DO_n U_nᵀ``, ``Db = Σ DO``;
+3. tangent ``Ȯ = W unfold(İ) + Ẇ U + ḃ``;
+4. cross terms ``DI_k = fold(Ẇ_kᵀ DOD)``, ``DW_k = Σ_n DOD_n unfold(İ_k,n)ᵀ``;
 
-and for the Hessian diagonal, a diagonal d at the output reads ``dᵀ (U²)`` (rule 2 with squared patches).
-
-Conv1d is Conv2d on inputs of height 1, with the weight viewed as (O, C/G, 1, k).
+and for the Hessian diagonal, a diagonal d at the output reads ``Σ_n d_n (U_n²)ᵀ`` (rule 2 with squared
+patches). The three products, and how patches are formed a few examples at a time, are in
+:mod:`~hvp.layers.patches`. Conv1d is Conv2d on inputs of height 1, with the weight viewed as (O, C/G, 1, k).
 """
-
-from collections import namedtuple
 
 import numpy as np
 
 from .._checks import check_bool
+from .patches import PatchProducts
 from .windows import positive_ints, window_geometry
 
-_Geometry = namedtuple("_Geometry", "H W Hp Wp Ho Wo Wg shifted flat")
 
-
-class _Conv:
+class _Conv(PatchProducts):
     """Shared body of Conv1d and Conv2d; subclasses set ``spatial`` (1 or 2)."""
 
     spatial = 2
@@ -95,129 +91,6 @@ class _Conv:
             raise ValueError(f"{name} needs {self.in_channels} input channels, got per-example shape {in_shape}")
         sizes = window_geometry(name, in_shape[1:], self.kernel_size, self.stride, self.padding, self.dilation)
         return (self.out_channels,) + sizes
-
-    # -- the taps: geometry, slabs and the three products every rule is made of -----------------
-
-    CHUNK_BYTES = 1 << 20  # the taps loop over a few examples at a time, about this much data, kept in cache
-
-    def _geometry(self, shape):
-        """Sizes for inputs of shape (N, C, [H,] W), in two spatial dimensions."""
-        (kH, kW), (sH, sW), (pH, pW), (dH, dW) = self._kernel, self._stride, self._padding, self._dilation
-        H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
-        Hp, Wp = H + 2 * pH, W + 2 * pW
-        Ho, Wo = (Hp - dH * (kH - 1) - 1) // sH + 1, (Wp - dW * (kW - 1) - 1) // sW + 1
-        shifted = sH == sW == 1
-        return _Geometry(H, W, Hp, Wp, Ho, Wo, Wp if shifted else Wo, shifted,
-                         Hp * Wp + (dW * (kW - 1) if shifted else 0))
-
-    def _tap_weights(self, W):
-        """Weights (K, O, C/G, *kernel) -> (K, G, O/G, J), J = kH·kW·(C/G) in the patches' order (taps first)."""
-        G, Cg = self.groups, self.in_channels // self.groups
-        W = W.reshape((W.shape[0], G, self.out_channels // G, Cg, -1))
-        return np.swapaxes(W, -1, -2).reshape(W.shape[:3] + (-1,))
-
-    def _from_tap_weights(self, W):
-        """(..., G, O/G, J) in the patches' order -> weights (..., O, C/G, *kernel)."""
-        Cg = self.in_channels // self.groups
-        W = np.swapaxes(W.reshape(W.shape[:-1] + (-1, Cg)), -1, -2)  # (..., G, O/G, C/G, taps)
-        return W.reshape(W.shape[:-4] + (self.out_channels, Cg) + self.kernel_size)
-
-    def _padded(self, X, geo):
-        """Inputs (M, C, [H,] W) -> zero-padded and flat per channel, (M, G, C/G, flat)."""
-        M, C, (pH, pW) = X.shape[0], self.in_channels, self._padding
-        P = np.zeros((M, C, geo.flat), dtype=X.dtype)
-        grid = P[:, :, :geo.Hp * geo.Wp].reshape(M, C, geo.Hp, geo.Wp)
-        grid[:, :, pH:pH + geo.H, pW:pW + geo.W] = X.reshape(M, C, geo.H, geo.W)
-        return P.reshape(M, self.groups, C // self.groups, geo.flat)
-
-    def _window(self, P, geo, i, j, rows):
-        """Tap (i, j)'s view of padded P (..., M, G, C/G, flat) for the examples ``rows`` (all of them if M = 1):
-        (..., b, G, C/G, Ho·Wg) when shifted, else (..., b, G, C/G, Ho, Wo)."""
-        (dH, dW), (sH, sW) = self._dilation, self._stride
-        rows = slice(None) if P.shape[-4] == 1 else rows
-        if geo.shifted:
-            start = i * dH * geo.Wp + j * dW
-            return P[..., rows, :, :, start:start + geo.Ho * geo.Wp]
-        grid = P.reshape(P.shape[:-1] + (geo.Hp, geo.Wp))[..., rows, :, :, :, :]
-        return grid[..., i * dH:i * dH + sH * (geo.Ho - 1) + 1:sH, j * dW:j * dW + sW * (geo.Wo - 1) + 1:sW]
-
-    def _patches(self, P, geo, rows):
-        """The patches of the examples ``rows`` of padded P (K_P, M, G, C/G, flat): (K_P, b, G, J, Ho·Wg), J in
-        the order (tap, channel); formed a few examples at a time, so that they stay in cache."""
-        taps, Cg = list(np.ndindex(*self._kernel)), self.in_channels // self.groups
-        lead = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
-        U = np.empty(lead + (len(taps), Cg, geo.Ho, geo.Wg), dtype=P.dtype)
-        for t, (i, j) in enumerate(taps):
-            U[..., t, :, :, :] = self._window(P, geo, i, j, rows).reshape(lead + (Cg, geo.Ho, geo.Wg))
-        return U.reshape(lead + (-1, geo.Ho * geo.Wg))
-
-    def _chunks(self, n, per_example):
-        size = max(1, self.CHUNK_BYTES // max(1, per_example))
-        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-    def _to_grid(self, D, geo):
-        """Output-side arrays (..., M, O, [Ho,] Wo) -> (..., M, G, O/G, Ho·Wg), zero in the dropped columns."""
-        lead, G, O = D.shape[:-1 - self.spatial], self.groups, self.out_channels
-        D = D.reshape(lead + (O, geo.Ho, geo.Wo))
-        if geo.Wg != geo.Wo:
-            Z = np.zeros(lead + (O, geo.Ho, geo.Wg), dtype=D.dtype)
-            Z[..., :geo.Wo] = D
-            D = Z
-        return D.reshape(lead + (G, O // G, geo.Ho * geo.Wg))
-
-    def _from_grid(self, Y, geo):
-        """(..., G, O/G, Ho·Wg) -> outputs (..., O, [Ho,] Wo), contiguous."""
-        lead = Y.shape[:-3]
-        Y = Y.reshape(lead + (self.out_channels, geo.Ho, geo.Wg))[..., :geo.Wo]
-        return np.ascontiguousarray(Y).reshape(lead + (self.out_channels,) + (geo.Ho, geo.Wo)[2 - self.spatial:])
-
-    def _patch_bytes(self, K_P, K_other, channels, geo, itemsize):
-        """Bytes per example of a chunk: K_P examples' patches and K_other arrays of ``channels`` rows."""
-        return (K_P * self.fan_in * self.groups + K_other * channels) * geo.Ho * geo.Wg * itemsize
-
-    def _apply(self, W, P, geo):
-        """``W U``: the convolution of padded inputs P (K_P, M, G, C/G, flat) with weights W (K_W, O, C/G, *kernel),
-        K_P, K_W ∈ {1, K}: (K, M, G, O/G, Ho·Wg)."""
-        Wt, (K_P, M) = self._tap_weights(W)[:, None], P.shape[:2]
-        K = max(K_P, W.shape[0])
-        out = np.empty((K, M, self.groups, self.out_channels // self.groups, geo.Ho * geo.Wg), dtype=P.dtype)
-        for rows in self._chunks(M, self._patch_bytes(K_P, K, self.out_channels, geo, P.itemsize)):
-            np.matmul(Wt, self._patches(P, geo, rows), out=out[:, rows])
-        return out
-
-    def _adjoint(self, W, D, geo, summed=False):
-        """``fold(Wᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel), grid
-        adjoints D (K_D, M, G, O/G, Ho·Wg) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
-        Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2)[:, None], D.shape[:2]
-        Cg = self.in_channels // self.groups
-        K = max(K_D, W.shape[0])
-        P = np.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), dtype=D.dtype)
-        for rows in self._chunks(M, self._patch_bytes(K, K_D, self.out_channels, geo, D.itemsize)):
-            E = np.matmul(Wt, D[:, rows])  # (K, b, G, J, Ho·Wg)
-            if summed and K > 1:
-                E = E.sum(axis=0, keepdims=True)
-            E = E.reshape(E.shape[:3] + (-1, Cg, E.shape[-1]))  # (K, b, G, taps, C/G, Ho·Wg)
-            for t, (i, j) in enumerate(np.ndindex(*self._kernel)):
-                window = self._window(P, geo, i, j, rows)
-                window += E[..., t, :, :].reshape(window.shape)
-        (pH, pW), C = self._padding, self.in_channels
-        grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
-        return np.ascontiguousarray(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
-
-    def _correlate(self, D, P, geo, rows=slice(None), per_example=False):
-        """``D Uᵀ``, the adjoint of :meth:`_apply` in its weights: grid adjoints D (K_D, b, G, O/G, Ho·Wg) of the
-        examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel) summed over the examples, or
-        (K, b, O, C/G, *kernel) per example."""
-        K, b, start = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0
-        out = np.zeros((K,) + ((b,) if per_example else ()) + D.shape[2:4] + (self.fan_in,), dtype=D.dtype)
-        for sub in self._chunks(b, self._patch_bytes(P.shape[0], D.shape[0], self.out_channels, geo, D.itemsize)):
-            U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))
-            y = np.matmul(D[:, sub], np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
-            if per_example:
-                out[:, sub] = y
-            else:
-                out += y.sum(axis=1)
-        return self._from_tap_weights(out)
 
     # -- the four rules --------------------------------------------------------------------------
 
@@ -381,19 +254,6 @@ class _Conv:
         return norms
 
     # -- K-FAC's Kronecker factors (hvp.kfac) ------------------------------------------------------
-
-    def _patch_gram(self, cache):
-        """``Σ_{b,l} u uᵀ`` (G, J, J) and ``Σ_{b,l} u`` (G, J) over the patches u of every example and output
-        position, J = (C/G)·kH·kW in the weight's order."""
-        geo, P, G, Cg = cache["geo"], cache["P"][None], self.groups, self.in_channels // self.groups
-        A, s = np.zeros((G, self.fan_in, self.fan_in), dtype=P.dtype), np.zeros((G, self.fan_in), dtype=P.dtype)
-        for rows in self._chunks(P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize)):
-            U = self._patches(P, geo, rows)[0]  # (b, G, J, Ho·Wg), J = (tap, channel)
-            U = U.reshape(U.shape[:2] + (-1, Cg, geo.Ho, geo.Wg))[..., :geo.Wo]
-            U = np.swapaxes(U, 2, 3).reshape(U.shape[:2] + (self.fan_in, -1))  # J = (channel, tap), valid positions
-            A += np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0)
-            s += U.sum(axis=(0, 3))
-        return A, s
 
     def kronecker_factors(self, cache, D):
         """K-FAC's factors with every output position as an example (Grosse & Martens 2016; "expand"), per
