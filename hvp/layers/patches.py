@@ -34,7 +34,7 @@ class PatchProducts:
     arrays on the grid; a leading K axis of 1 is shared by the K of the other operand.
     """
 
-    CHUNK_BYTES = 1 << 20  # the taps loop over a few examples at a time, about this much data, kept in cache
+    CHUNK_BYTES = 2 << 20  # the taps loop over a few examples at a time, about this much data, kept in cache
 
     def _geometry(self, shape):
         """Sizes for inputs of shape (N, C, [H,] W), in two spatial dimensions."""
