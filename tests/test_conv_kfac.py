@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import assert_kfac_trains_and_resumes
 
 import hvp
 import optimizers
@@ -105,16 +106,7 @@ def test_kfac_optimizer_trains_and_resumes_a_grouped_cnn(tmp_path):
     rng = np.random.default_rng(4)
     net = hvp.Sequential(hvp.Conv2d(2, 4, 3, padding=1, groups=2), hvp.Tanh(), hvp.Flatten(), hvp.Linear(36, 3))
     X, y = rng.normal(size=(20, 2, 3, 3)), rng.integers(0, 3, 20)
-    loss, theta0 = hvp.CrossEntropyLoss(), net.init(0)
-    straight = optimizers.KFAC(net, loss, theta0)
-    straight.minimize((X, y), max_iters=6, gtol=0)
-    first = optimizers.KFAC(net, loss, theta0)
-    first.minimize((X, y), max_iters=3, gtol=0)
-    first.save(tmp_path / "k.npz")
-    resumed = optimizers.KFAC.load(tmp_path / "k.npz", net, loss)
-    resumed.minimize((X, y), max_iters=3, gtol=0)
-    np.testing.assert_array_equal(resumed.theta, straight.theta)
-    assert straight.history[-1]["trial_loss"] < 0.8 * straight.history[0]["loss"]
+    assert_kfac_trains_and_resumes(net, hvp.CrossEntropyLoss(), net.init(0), X, y, tmp_path / "k.npz")
 
 
 @pytest.mark.parametrize("method", ["KFAC", "NewtonCG"])

@@ -7,7 +7,7 @@ explicit skip connections), differentiated by finite differences in float64.
 import numpy as np
 import oracles
 import pytest
-from conftest import loop_grads
+from conftest import assert_kfac_trains_and_resumes, loop_grads
 
 import hvp
 
@@ -194,19 +194,8 @@ def test_kfac_input_factors_of_a_batch_are_the_means_of_each_layers_inputs(case)
 
 
 def test_kfac_optimizer_trains_and_resumes_a_residual_cnn(tmp_path):
-    import optimizers
-
     rng = np.random.default_rng(8)
     block = hvp.Residual(hvp.Conv2d(2, 2, 3, padding=1), hvp.Tanh(), hvp.Conv2d(2, 2, 1))
     net = hvp.Sequential(hvp.Conv2d(1, 2, 2), hvp.Sigmoid(), block, hvp.Flatten(), hvp.Linear(18, 3))
-    loss, theta0 = hvp.CrossEntropyLoss(), net.init(2)
     X, y = rng.normal(size=(16, 1, 4, 4)), rng.integers(0, 3, 16)
-    straight = optimizers.KFAC(net, loss, theta0)
-    straight.minimize((X, y), max_iters=6, gtol=0)
-    first = optimizers.KFAC(net, loss, theta0)
-    first.minimize((X, y), max_iters=3, gtol=0)
-    first.save(tmp_path / "k.npz")
-    resumed = optimizers.KFAC.load(tmp_path / "k.npz", net, loss)
-    resumed.minimize((X, y), max_iters=3, gtol=0)
-    np.testing.assert_array_equal(resumed.theta, straight.theta)
-    assert straight.history[-1]["trial_loss"] < 0.8 * straight.history[0]["loss"]
+    assert_kfac_trains_and_resumes(net, hvp.CrossEntropyLoss(), net.init(2), X, y, tmp_path / "k.npz")

@@ -78,14 +78,21 @@ class PatchProducts:
         return grid[..., i * dH:i * dH + sH * (geo.Ho - 1) + 1:sH, j * dW:j * dW + sW * (geo.Wo - 1) + 1:sW]
 
     def _patches(self, P, geo, rows):
-        """The patches of the examples ``rows`` of padded P (K_P, M, G, C/G, flat): (K_P, b, G, J, Ho·Wg), J in
-        the order (tap, channel); formed a few examples at a time, so that they stay in cache."""
+        """The patches of the examples ``rows`` of padded P (K_P, M, G, C/G, flat), side by side:
+        (K_P, G, J, b·Ho·Wg), J in the order (tap, channel), b = 1 for a P shared by every example (M = 1)."""
         taps, Cg = list(np.ndindex(*self._kernel)), self.in_channels // self.groups
-        lead = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
-        U = np.empty(lead + (len(taps), Cg, geo.Ho, geo.Wg), dtype=P.dtype)
+        K_P, b, G = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
+        U = np.empty((K_P, G, len(taps), Cg, b, geo.Ho, geo.Wg), dtype=P.dtype)
         for t, (i, j) in enumerate(taps):
-            U[..., t, :, :, :] = self._window(P, geo, i, j, rows).reshape(lead + (Cg, geo.Ho, geo.Wg))
-        return U.reshape(lead + (-1, geo.Ho * geo.Wg))
+            window = self._window(P, geo, i, j, rows).reshape((K_P, b, G, Cg, geo.Ho, geo.Wg))
+            U[:, :, t] = np.moveaxis(window, 1, 3)
+        return U.reshape((K_P, G, -1, b * geo.Ho * geo.Wg))
+
+    @staticmethod
+    def _side_by_side(D):
+        """(K, b, G, n, L) -> (K, G, n, b·L), a copy."""
+        K, b, G, n, L = D.shape
+        return np.moveaxis(D, 1, 3).reshape((K, G, n, b * L))
 
     def _chunks(self, n, per_example):
         size = max(1, self.CHUNK_BYTES // max(1, per_example))
@@ -113,46 +120,51 @@ class PatchProducts:
 
     def _apply(self, W, P, geo):
         """``W U``: the convolution of padded inputs P (K_P, M, G, C/G, flat) with weights W (K_W, O, C/G, *kernel),
-        K_P, K_W ∈ {1, K}: (K, M, G, O/G, Ho·Wg)."""
-        Wt, (K_P, M) = self._tap_weights(W)[:, None], P.shape[:2]
-        K = max(K_P, W.shape[0])
-        out = np.empty((K, M, self.groups, self.out_channels // self.groups, geo.Ho * geo.Wg), dtype=P.dtype)
-        for rows in self._chunks(M, self._patch_bytes(K_P, K, self.out_channels, geo, P.itemsize)):
-            np.matmul(Wt, self._patches(P, geo, rows), out=out[:, rows])
+        K_P, K_W ∈ {1, K}: (K, M, G, O/G, Ho·Wg). One product per chunk of examples."""
+        Wt, (K_P, M), L = self._tap_weights(W), P.shape[:2], geo.Ho * geo.Wg
+        K, G, Og = max(K_P, W.shape[0]), self.groups, self.out_channels // self.groups
+        out = np.empty((K, M, G, Og, L), dtype=P.dtype)
+        for rows in self._chunks(M, self._patch_bytes(K_P, 2 * K, self.out_channels, geo, P.itemsize)):
+            y = np.matmul(Wt, self._patches(P, geo, rows))  # (K, G, O/G, b·L)
+            out[:, rows] = np.moveaxis(y.reshape((K, G, Og, -1, L)), 3, 1)
         return out
 
     def _adjoint(self, W, D, geo, summed=False):
         """``fold(Wᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel), grid
         adjoints D (K_D, M, G, O/G, Ho·Wg) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
-        Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2)[:, None], D.shape[:2]
-        Cg = self.in_channels // self.groups
+        Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2), D.shape[:2]
+        Cg, G, L = self.in_channels // self.groups, self.groups, D.shape[-1]
         K = max(K_D, W.shape[0])
-        P = np.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), dtype=D.dtype)
-        for rows in self._chunks(M, self._patch_bytes(K, K_D, self.out_channels, geo, D.itemsize)):
-            E = np.matmul(Wt, D[:, rows])  # (K, b, G, J, Ho·Wg)
+        P = np.zeros((1 if summed else K, M, G, Cg, geo.flat), dtype=D.dtype)
+        for rows in self._chunks(M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize)):
+            E = np.matmul(Wt, self._side_by_side(D[:, rows]))  # (K, G, J, b·L)
             if summed and K > 1:
                 E = E.sum(axis=0, keepdims=True)
-            E = E.reshape(E.shape[:3] + (-1, Cg, E.shape[-1]))  # (K, b, G, taps, C/G, Ho·Wg)
+            E = E.reshape(E.shape[:2] + (-1, Cg, E.shape[-1] // L, L))  # (K, G, taps, C/G, b, L)
             for t, (i, j) in enumerate(np.ndindex(*self._kernel)):
                 window = self._window(P, geo, i, j, rows)
-                window += E[..., t, :, :].reshape(window.shape)
+                window += np.moveaxis(E[:, :, t], 3, 1).reshape(window.shape)
         (pH, pW), C = self._padding, self.in_channels
         grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
         return np.ascontiguousarray(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
 
     def _correlate(self, D, P, geo, rows=slice(None), per_example=False):
         """``D Uᵀ``, the adjoint of :meth:`_apply` in its weights: grid adjoints D (K_D, b, G, O/G, Ho·Wg) of the
-        examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel) summed over the examples, or
-        (K, b, O, C/G, *kernel) per example."""
-        K, b, start = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0
+        examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel) summed over the examples (one
+        product per chunk), or (K, b, O, C/G, *kernel) per example."""
+        K, b, start, L = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0, D.shape[-1]
         out = np.zeros((K,) + ((b,) if per_example else ()) + D.shape[2:4] + (self.fan_in,), dtype=D.dtype)
-        for sub in self._chunks(b, self._patch_bytes(P.shape[0], D.shape[0], self.out_channels, geo, D.itemsize)):
-            U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))
-            y = np.matmul(D[:, sub], np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
+        for sub in self._chunks(b, self._patch_bytes(P.shape[0], 2 * D.shape[0], self.out_channels, geo,
+                                                     D.itemsize)):
+            U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))  # (K_P, G, J, b_P·L)
+            Dc = D[:, sub]
             if per_example:
-                out[:, sub] = y
+                U = np.moveaxis(U.reshape(U.shape[:3] + (-1, L)), 3, 1)  # (K_P, b_P, G, J, L)
+                out[:, sub] = np.matmul(Dc, np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
             else:
-                out += y.sum(axis=1)
+                if U.shape[-1] == L and Dc.shape[1] > 1:  # patches shared by every example: Σ_n D_n Uᵀ = (Σ_n D_n) Uᵀ
+                    Dc = Dc.sum(axis=1, keepdims=True)
+                out += np.matmul(self._side_by_side(Dc), np.swapaxes(U, -1, -2))  # (K, G, O/G, J)
         return self._from_tap_weights(out)
 
     def _patch_gram(self, cache):
@@ -161,9 +173,9 @@ class PatchProducts:
         geo, P, G, Cg = cache["geo"], cache["P"][None], self.groups, self.in_channels // self.groups
         A, s = np.zeros((G, self.fan_in, self.fan_in), dtype=P.dtype), np.zeros((G, self.fan_in), dtype=P.dtype)
         for rows in self._chunks(P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize)):
-            U = self._patches(P, geo, rows)[0]  # (b, G, J, Ho·Wg), J = (tap, channel)
-            U = U.reshape(U.shape[:2] + (-1, Cg, geo.Ho, geo.Wg))[..., :geo.Wo]
-            U = np.swapaxes(U, 2, 3).reshape(U.shape[:2] + (self.fan_in, -1))  # J = (channel, tap), valid positions
-            A += np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0)
-            s += U.sum(axis=(0, 3))
+            U = self._patches(P, geo, rows)[0]  # (G, J, b·Ho·Wg), J = (tap, channel)
+            U = U.reshape((G, -1, Cg, U.shape[-1] // geo.Wg, geo.Wg))[..., :geo.Wo]
+            U = np.swapaxes(U, 1, 2).reshape((G, self.fan_in, -1))  # J = (channel, tap), valid positions only
+            A += np.matmul(U, np.swapaxes(U, -1, -2))
+            s += U.sum(axis=-1)
         return A, s
