@@ -42,6 +42,7 @@ from ._checks import (
     real_array,
 )
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from .penalty import add_l2, l2_value
 
 # tangent_sum_grad_squared: with k directions, up to this k the (k+1)(k+2)/2 products of
 # pairs run as large matmuls; beyond it, per-example gradients in chunks are cheaper.
@@ -225,11 +226,8 @@ def tangent_loss_and_grad(net, loss, theta, X, y, directions, l2=0.0):
     O, caches, tangent_inputs, dO = _forward(net, params, X, dX)
     value, DO, DOD = _loss_adjoints(loss, O, dO, y)
     grad, _ = _backward(net, params, caches, tangent_inputs, DO, DOD)
-    if l2:
-        mask = net.weight_mask()
-        value += 0.5 * l2 * float(theta[mask] @ theta[mask])
-        grad[mask] += theta.dtype.type(l2) * theta[mask]
-    return value, grad
+    mask = net.weight_mask()
+    return value + l2_value(theta, mask, l2), add_l2(grad, theta, mask, l2)
 
 
 def tangent_sum_grad_squared(net, loss, theta, X, y, directions):

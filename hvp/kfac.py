@@ -40,6 +40,7 @@ from ._checks import (
     describe,
     is_batch,
 )
+from .penalty import add_l2, l2_value
 
 KINDS = ("exact", "mc", "empirical")
 MAX_EXACT_OUTPUTS = 16
@@ -167,9 +168,7 @@ class KroneckerFactored(LinearOperator):
         V = check_direction("V", V, self.shape[0], self.dtype)
         rows = np.ascontiguousarray(V.reshape(V.shape[0], -1).T)
         out = self._blocks(rows, apply)
-        if l2:
-            out[:, self._weight_mask] += self.dtype.type(l2) * rows[:, self._weight_mask]
-        return out.T.reshape(V.shape)
+        return add_l2(out, rows, self._weight_mask, l2, axis=1).T.reshape(V.shape)
 
     def _matmat(self, V):
         return self._rows_product(V, lambda j, M: self.factors[j][0] @ M @ self.factors[j][1], self.l2)
@@ -324,8 +323,7 @@ class KFACOperator(KroneckerFactored):
         N, denominator = sum(batches), (sum(batches) if loss.reduction == "mean" else 1)
         factors = {i: (A / theta.dtype.type(N), G / theta.dtype.type(denominator)) for i, (A, G) in sums.items()}
         super().__init__(net, factors, l2, theta.dtype)
-        w = theta[self._weight_mask]
-        self.loss = loss_sum / denominator + 0.5 * l2 * float(w @ w)
+        self.loss = loss_sum / denominator + l2_value(theta, self._weight_mask, l2)
         self.num_examples = N
 
 

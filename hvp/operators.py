@@ -30,6 +30,7 @@ from ._checks import (
     describe,
     is_batch,
 )
+from .penalty import add_l2, l2_value
 from .products import linearize
 
 
@@ -101,12 +102,10 @@ class _DatasetCurvature(SymmetricOperator):
             raise ValueError("data holds no batch: expected at least one (X, y) pair")
         self.num_examples = sum(self.batch_sizes)
         self._denominator = self.num_examples if loss.reduction == "mean" else 1
-        w = self.theta[self._weight_mask]
         #: Loss over all the data, L2 penalty included.
-        self.loss = loss_sum / self._denominator + 0.5 * self.l2 * float(w @ w)
+        self.loss = loss_sum / self._denominator + l2_value(self.theta, self._weight_mask, self.l2)
         #: Gradient over all the data (P,), L2 term included.
-        self.grad = grad_sum / theta.dtype.type(self._denominator)
-        self.grad[self._weight_mask] += theta.dtype.type(self.l2) * w
+        self.grad = add_l2(grad_sum / theta.dtype.type(self._denominator), self.theta, self._weight_mask, self.l2)
 
     def _batch_factor(self, pt):
         """``B_b`` for mean reduction, 1 for sum; the weight is this over its sum (or 1)."""
@@ -141,9 +140,7 @@ class _DatasetCurvature(SymmetricOperator):
                 out = product
             else:
                 out += product
-        if self.l2:
-            out[self._weight_mask] += self.dtype.type(self.l2) * V[self._weight_mask]
-        return out
+        return add_l2(out, V, self._weight_mask, self.l2)
 
     def __repr__(self):
         return (f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype}: "

@@ -23,6 +23,7 @@ from ._checks import (
     real_array,
 )
 from .diag_hessian import diag_hessian as _diag_hessian
+from .penalty import add_l2, l2_value
 
 
 def _prepare(net, loss, theta, X, y, l2):
@@ -84,11 +85,8 @@ def loss_and_grad(net, loss, theta, X, y, l2=0.0):
     O, caches = net.forward_cached(params, X)
     value, loss_cache = loss.forward(O, loss.check_target(y, O))
     grad = _backward(net, params, caches, loss.backward(loss_cache))
-    if l2:
-        mask = net.weight_mask()
-        value += 0.5 * l2 * float(theta[mask] @ theta[mask])
-        grad[mask] += theta.dtype.type(l2) * theta[mask]
-    return value, grad
+    mask = net.weight_mask()
+    return value + l2_value(theta, mask, l2), add_l2(grad, theta, mask, l2)
 
 
 def linearize(net, loss, theta, X, y, l2=0.0):
@@ -133,11 +131,8 @@ class Linearization:
         self.grad, self.adjoints = _backward(net, self.params, self.caches,
                                              loss.backward(self.loss_cache), keep_adjoints=True)
         self.weight_mask = net.weight_mask()
-        if l2:
-            w = theta[self.weight_mask]
-            value += 0.5 * l2 * float(w @ w)
-            self.grad[self.weight_mask] += theta.dtype.type(l2) * w
-        self.loss = value
+        self.loss = value + l2_value(theta, self.weight_mask, l2)
+        add_l2(self.grad, theta, self.weight_mask, l2)
 
     # -- directions ---------------------------------------------------------
 
@@ -174,8 +169,7 @@ class Linearization:
                 RDO = layer.backward_input(p, cache, RDO)
                 if DI_cross is not None:
                     RDO += DI_cross
-        if self.l2:
-            out[:, self.weight_mask] += self.theta.dtype.type(self.l2) * V[:, self.weight_mask]
+        add_l2(out, V, self.weight_mask, self.l2, axis=1)
         return out[0] if was_vector else out.T
 
     # -- products -----------------------------------------------------------
@@ -276,10 +270,7 @@ class Linearization:
         """
         with np.errstate(all="ignore"):
             O, _ = self.net.forward_cached(self.net.unflatten(theta), self.inputs)
-            value = self.loss_fn.forward(O, self.targets)[0]
-            if self.l2:
-                w = theta[self.weight_mask]
-                value += 0.5 * self.l2 * float(w @ w)
+            value = self.loss_fn.forward(O, self.targets)[0] + l2_value(theta, self.weight_mask, self.l2)
         return value if np.isfinite(value) else np.inf
 
     # -- per-example quantities (computed in hvp/per_example.py) -------------

@@ -15,6 +15,7 @@ import numpy as np
 from .. import kfac
 from .._checks import check_bool, check_direction, check_l2, check_seed
 from ..operators import check_dataset_problem, empirical_fisher_product
+from ..penalty import add_l2, l2_value
 from ..products import linearize
 
 # -- on the workers ---------------------------------------------------------------
@@ -135,9 +136,8 @@ class ShardedLinearization:
         self.last_call = {}
         loss_sum, self.grad = self._sum(_loss_and_grad)
         self.num_outputs = int(np.prod(net.output_shape(data.in_shapes[0])))
-        w = self.theta[self.weight_mask]
-        self.loss = float(loss_sum) + 0.5 * self.l2 * float(w @ w)
-        self.grad[self.weight_mask] += theta.dtype.type(self.l2) * w
+        self.loss = float(loss_sum) + l2_value(self.theta, self.weight_mask, self.l2)
+        add_l2(self.grad, self.theta, self.weight_mask, self.l2)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -166,28 +166,23 @@ class ShardedLinearization:
             total = _add(total, value)
         return total
 
-    def _with_l2(self, out, V):
-        if self.l2:
-            out[self.weight_mask] += self.theta.dtype.type(self.l2) * V[self.weight_mask]
-        return out
-
     # -- what the optimizers and operators ask for -------------------------------------
 
     def hvp(self, v):
         """``H v`` over all the shards, L2 term included; v (P,) or (P, k), as :meth:`hvp.Linearization.hvp`."""
         V = check_direction("v", v, self.net.num_params, self.theta.dtype)
-        return self._with_l2(self._sum(_hvp, V), V)
+        return add_l2(self._sum(_hvp, V), V, self.weight_mask, self.l2)
 
     def ggnvp(self, v):
         """``G v`` over all the shards, L2 term included; as :meth:`hvp.Linearization.ggnvp`."""
         V = check_direction("v", v, self.net.num_params, self.theta.dtype)
-        return self._with_l2(self._sum(_ggnvp, V), V)
+        return add_l2(self._sum(_ggnvp, V), V, self.weight_mask, self.l2)
 
     def empirical_fisher_vp(self, v):
         """``F v``, F the empirical Fisher of :class:`hvp.EmpiricalFisherOperator`, L2 term included."""
         V = check_direction("v", v, self.net.num_params, self.theta.dtype)
         out = self._sum(_empirical_fisher, V.reshape(V.shape[0], -1))
-        return self._with_l2(out.reshape(V.shape), V)
+        return add_l2(out.reshape(V.shape), V, self.weight_mask, self.l2)
 
     def sum_grad_squared(self):
         """``Σ_n g_n²`` (P,) over all examples, g_n example n's term of the loss of all the shards (no L2)."""
@@ -204,10 +199,7 @@ class ShardedLinearization:
 
     def loss_at(self, theta):
         """The loss of all the shards at another θ′ (P,), L2 term included; +inf for NaN/Inf."""
-        value = float(self._sum(_loss_at, theta))
-        if self.l2:
-            w = theta[self.weight_mask]
-            value += 0.5 * self.l2 * float(w @ w)
+        value = float(self._sum(_loss_at, theta)) + l2_value(theta, self.weight_mask, self.l2)
         return value if np.isfinite(value) else np.inf
 
     def kronecker_factors(self, kind="exact", num_samples=1, seed=0):
