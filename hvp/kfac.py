@@ -131,6 +131,15 @@ def batch_factors(pt, kind="exact", num_samples=1, rng=None):
     return {key: factors[key] for key in units}
 
 
+def add_factors(total, factors, a=1.0, g=1.0):
+    """``total[key] += (a·A, g·G)`` for each block's pair in ``factors``, in place (a new key starts at zero);
+    the weighted sums over batches or shards that K-FAC's data-set factors are. Returns total."""
+    for key, (A, G) in factors.items():
+        A0, G0 = total.get(key, (0, 0))
+        total[key] = (A0 + A.dtype.type(a) * A, G0 + G.dtype.type(g) * G)
+    return total
+
+
 class KroneckerFactored(LinearOperator):
     """Block-diagonal ``⊕_layers A ⊗ G + l2·diag(weight mask)`` as a scipy ``LinearOperator`` (P, P).
 
@@ -313,9 +322,7 @@ class KFACOperator(KroneckerFactored):
             pt = products.linearize(net, loss, theta, X, y)
             B = pt.outputs.shape[0]
             weight = B if loss.reduction == "mean" else 1
-            for i, (A, G) in batch_factors(pt, kind, num_samples, rng).items():
-                A_sum, G_sum = sums.get(i, (0, 0))
-                sums[i] = (A_sum + theta.dtype.type(B) * A, G_sum + theta.dtype.type(weight) * G)
+            add_factors(sums, batch_factors(pt, kind, num_samples, rng), B, weight)
             batches.append(B)
             loss_sum += weight * pt.loss
         if not batches:

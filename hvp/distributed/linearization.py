@@ -53,9 +53,7 @@ def _group_factors(group, a_weights, g_weights, kind, num_samples, seeds):
     """``{layer: (Σ a_s A_s, Σ g_s G_s)}`` over one worker's linearizations."""
     total = {}
     for a, g, seed, pt in zip(a_weights, g_weights, seeds, group):
-        for i, (A, G) in pt.kronecker_factors(kind, num_samples, seed).items():
-            A0, G0 = total.get(i, (0, 0))
-            total[i] = (A0 + A.dtype.type(a) * A, G0 + G.dtype.type(g) * G)
+        kfac.add_factors(total, pt.kronecker_factors(kind, num_samples, seed), a, g)
     return total
 
 
@@ -216,8 +214,10 @@ class ShardedLinearization:
                                  [self._weights[i] for i in indices], kind, num_samples, [seeds[i] for i in indices],
                                  workers=[address], allow_other_workers=True, pure=False)
                    for g, (address, indices) in zip(self._groups_now(), self.data.groups)]
-        parts = _gather(client, futures)
-        return {i: (sum(p[i][0] for p in parts), sum(p[i][1] for p in parts)) for i in parts[0]}
+        total = {}
+        for part in _gather(client, futures):
+            kfac.add_factors(total, part)
+        return total
 
     def kfac(self, kind="exact", num_samples=1, seed=0):
         """K-FAC over all the shards, a scipy ``LinearOperator`` (P, P), as :meth:`hvp.Linearization.kfac`."""
