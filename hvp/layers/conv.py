@@ -98,7 +98,7 @@ class _Conv(PatchProducts):
         """Rule 1: ``O = conv(I, W) + b``; I (B, C, [H,] W) -> O (B, O, [Ho,] Wo)."""
         geo = self._geometry(I.shape)
         P = self._padded(I, geo)
-        O = self._from_grid(self._apply(p["weight"][None], P[None], geo)[0], geo)
+        O = self._apply(p["weight"][None], P[None], geo)[0]
         if self.bias:
             O += p["bias"].reshape((-1,) + (1,) * self.spatial)
         return O, {"P": P, "shape": I.shape, "geo": geo}
@@ -106,8 +106,7 @@ class _Conv(PatchProducts):
     def backward_input(self, p, cache, DO):
         """Rule 2: ``DI = fold(DO W_g)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W), B or 1 (shared)."""
         lead = DO.shape[:-1 - self.spatial]  # the batch axis included: it may be 1
-        D = self._to_grid(DO.reshape((-1,) + DO.shape[-1 - self.spatial:]), cache["geo"])
-        DI = self._adjoint(p["weight"][None], D[None], cache["geo"])
+        DI = self._adjoint(p["weight"][None], DO.reshape((1, -1) + DO.shape[-1 - self.spatial:]), cache["geo"])
         return DI.reshape(lead + tuple(cache["shape"][1:]))
 
     def _bias_grads(self, D):
@@ -119,8 +118,7 @@ class _Conv(PatchProducts):
         for DO (k, B, O, …) -> (k, O, C/G, *kernel)."""
         out = {} if out is None else out
         per_direction = DO.ndim == 3 + self.spatial
-        D = self._to_grid(DO if per_direction else DO[None], cache["geo"])
-        W = self._correlate(D, cache["P"][None], cache["geo"])
+        W = self._correlate(DO if per_direction else DO[None], cache["P"][None], cache["geo"])
         W = W if per_direction else W[0]
         if out.get("weight") is None:
             out["weight"] = W
@@ -135,10 +133,10 @@ class _Conv(PatchProducts):
         geo, dO = cache["geo"], None
         if dI is not None:
             P = self._padded(dI.reshape((-1,) + dI.shape[2:]), geo)
-            dO = self._from_grid(self._apply(p["weight"][None], P[None], geo)[0], geo)
+            dO = self._apply(p["weight"][None], P[None], geo)[0]
             dO = dO.reshape(dI.shape[:2] + dO.shape[1:])
         if dp is not None:
-            from_params = self._from_grid(self._apply(dp["weight"], cache["P"][None], geo), geo)  # (k, B, O, …)
+            from_params = self._apply(dp["weight"], cache["P"][None], geo)  # (k, B, O, …)
             if self.bias:
                 from_params += dp["bias"].reshape(dp["bias"].shape + (1,) * self.spatial)[:, None]
             dO = from_params if dO is None else dO + from_params
@@ -152,8 +150,7 @@ class _Conv(PatchProducts):
         DI = grads = None
         geo, B, shared_dod = cache["geo"], cache["shape"][0], DOD.ndim == 2 + self.spatial
         if dp is not None and need_input:
-            D = self._to_grid(DOD[None] if shared_dod else DOD, geo)
-            DI = self._adjoint(dp["weight"], D, geo, summed)
+            DI = self._adjoint(dp["weight"], DOD[None] if shared_dod else DOD, geo, summed)
             if not summed:
                 DI = DI.reshape((-1,) + tuple(cache["shape"]))
         if dI is not None:
@@ -164,10 +161,9 @@ class _Conv(PatchProducts):
             if summed and shared_dod:  # one DOD for every direction: Σ_k DODᵀ unfold(İ_k) = DODᵀ unfold(Σ_k İ_k)
                 dI = dI.sum(axis=0, keepdims=True)
             P = self._padded(dI.reshape((-1,) + dI.shape[2:]), geo).reshape(dI.shape[:2] + (self.groups, -1, geo.flat))
-            D = self._to_grid(DOD, geo)
             if summed and not shared_dod:
-                D, P = D.reshape((1, -1) + D.shape[2:]), P.reshape((1, -1) + P.shape[2:])
-            W = self._correlate(D, P, geo)
+                DOD, P = DOD.reshape((1, -1) + DOD.shape[2:]), P.reshape((1, -1) + P.shape[2:])
+            W = self._correlate(DOD, P, geo)
             grads = {"weight": W[0] if summed else W}
         return DI, grads
 
@@ -180,7 +176,7 @@ class _Conv(PatchProducts):
         D (K, b, O, …): ``g_kb = Σ_l D_kbl ⊗ u_bl`` per group; P (B or 1, G, C/G, flat) the padded inputs
         whose patches u are, by default the layer's input."""
         P = cache["P"] if P is None else P
-        return self._correlate(self._to_grid(D, cache["geo"]), P[None], cache["geo"], rows, per_example=True)
+        return self._correlate(D, P[None], cache["geo"], rows, per_example=True)
 
     def _blocks(self, cache, K):
         B = cache["shape"][0]
@@ -233,7 +229,7 @@ class _Conv(PatchProducts):
     def diagonal_squares(self, p, cache, d, out):
         """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, O, …) at the output: rule 2's ``DW_g = dᵀ U``
         with squared patches (the patches of I², padding included), and ``Σ d`` for the bias."""
-        W = self._correlate(self._to_grid(d, cache["geo"])[None], np.square(cache["P"])[None], cache["geo"])[0]
+        W = self._correlate(d[None], np.square(cache["P"])[None], cache["geo"])[0]
         out["weight"][...] = W
         if self.bias:
             out["bias"][...] = self._bias_grads(d).sum(axis=0)

@@ -78,41 +78,29 @@ class PatchProducts:
         return grid[..., i * dH:i * dH + sH * (geo.Ho - 1) + 1:sH, j * dW:j * dW + sW * (geo.Wo - 1) + 1:sW]
 
     def _patches(self, P, geo, rows):
-        """The patches of the examples ``rows`` of padded P (K_P, M, G, C/G, flat), side by side:
-        (K_P, G, J, b·Ho·Wg), J in the order (tap, channel), b = 1 for a P shared by every example (M = 1)."""
+        """The patches of the examples ``rows`` of padded P (K_P, M, G, C/G, flat): (K_P, b, G, J, Ho·Wg), J in
+        the order (tap, channel); formed a few examples at a time, so that they stay in cache."""
         taps, Cg = list(np.ndindex(*self._kernel)), self.in_channels // self.groups
-        K_P, b, G = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
-        U = np.empty((K_P, G, len(taps), Cg, b, geo.Ho, geo.Wg), dtype=P.dtype)
+        lead = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
+        U = np.empty(lead + (len(taps), Cg, geo.Ho, geo.Wg), dtype=P.dtype)
         for t, (i, j) in enumerate(taps):
-            window = self._window(P, geo, i, j, rows).reshape((K_P, b, G, Cg, geo.Ho, geo.Wg))
-            U[:, :, t] = np.moveaxis(window, 1, 3)
-        return U.reshape((K_P, G, -1, b * geo.Ho * geo.Wg))
-
-    @staticmethod
-    def _side_by_side(D):
-        """(K, b, G, n, L) -> (K, G, n, b·L), a copy."""
-        K, b, G, n, L = D.shape
-        return np.moveaxis(D, 1, 3).reshape((K, G, n, b * L))
+            U[..., t, :, :, :] = self._window(P, geo, i, j, rows).reshape(lead + (Cg, geo.Ho, geo.Wg))
+        return U.reshape(lead + (-1, geo.Ho * geo.Wg))
 
     def _chunks(self, n, per_example):
         size = max(1, self.CHUNK_BYTES // max(1, per_example))
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _to_grid(self, D, geo):
-        """Output-side arrays (..., M, O, [Ho,] Wo) -> (..., M, G, O/G, Ho·Wg), zero in the dropped columns."""
-        lead, G, O = D.shape[:-1 - self.spatial], self.groups, self.out_channels
-        D = D.reshape(lead + (O, geo.Ho, geo.Wo))
+    def _grid(self, D, geo):
+        """A chunk's output-side arrays D (K, b, O, [Ho,] Wo) on the grid of output positions, zero in its dropped
+        columns: (K, b, G, O/G, Ho·Wg)."""
+        K, b, G = D.shape[0], D.shape[1], self.groups
+        D = D.reshape((K, b, G, self.out_channels // G, geo.Ho, geo.Wo))
         if geo.Wg != geo.Wo:
-            Z = np.zeros(lead + (O, geo.Ho, geo.Wg), dtype=D.dtype)
+            Z = np.zeros(D.shape[:-1] + (geo.Wg,), dtype=D.dtype)
             Z[..., :geo.Wo] = D
             D = Z
-        return D.reshape(lead + (G, O // G, geo.Ho * geo.Wg))
-
-    def _from_grid(self, Y, geo):
-        """(..., G, O/G, Ho·Wg) -> outputs (..., O, [Ho,] Wo), contiguous."""
-        lead = Y.shape[:-3]
-        Y = Y.reshape(lead + (self.out_channels, geo.Ho, geo.Wg))[..., :geo.Wo]
-        return np.ascontiguousarray(Y).reshape(lead + (self.out_channels,) + (geo.Ho, geo.Wo)[2 - self.spatial:])
+        return D.reshape(D.shape[:4] + (-1,))
 
     def _patch_bytes(self, K_P, K_other, channels, geo, itemsize):
         """Bytes per example of a chunk: K_P examples' patches and K_other arrays of ``channels`` rows."""
@@ -120,51 +108,48 @@ class PatchProducts:
 
     def _apply(self, W, P, geo):
         """``W U``: the convolution of padded inputs P (K_P, M, G, C/G, flat) with weights W (K_W, O, C/G, *kernel),
-        K_P, K_W ∈ {1, K}: (K, M, G, O/G, Ho·Wg). One product per chunk of examples."""
-        Wt, (K_P, M), L = self._tap_weights(W), P.shape[:2], geo.Ho * geo.Wg
-        K, G, Og = max(K_P, W.shape[0]), self.groups, self.out_channels // self.groups
-        out = np.empty((K, M, G, Og, L), dtype=P.dtype)
+        K_P, K_W ∈ {1, K}: outputs (K, M, O, [Ho,] Wo)."""
+        Wt, (K_P, M), G = self._tap_weights(W)[:, None], P.shape[:2], self.groups
+        K = max(K_P, W.shape[0])
+        out = np.empty((K, M, G, self.out_channels // G, geo.Ho, geo.Wo), dtype=P.dtype)
         for rows in self._chunks(M, self._patch_bytes(K_P, 2 * K, self.out_channels, geo, P.itemsize)):
-            y = np.matmul(Wt, self._patches(P, geo, rows))  # (K, G, O/G, b·L)
-            out[:, rows] = np.moveaxis(y.reshape((K, G, Og, -1, L)), 3, 1)
-        return out
+            y = np.matmul(Wt, self._patches(P, geo, rows))  # (K, b, G, O/G, Ho·Wg)
+            out[:, rows] = y.reshape(y.shape[:-1] + (geo.Ho, geo.Wg))[..., :geo.Wo]
+        return out.reshape((K, M, self.out_channels) + (geo.Ho, geo.Wo)[2 - self.spatial:])
 
     def _adjoint(self, W, D, geo, summed=False):
-        """``fold(Wᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel), grid
-        adjoints D (K_D, M, G, O/G, Ho·Wg) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
-        Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2), D.shape[:2]
-        Cg, G, L = self.in_channels // self.groups, self.groups, D.shape[-1]
+        """``fold(Wᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel), output-side
+        arrays D (K_D, M, O, [Ho,] Wo) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
+        Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2)[:, None], D.shape[:2]
+        Cg = self.in_channels // self.groups
         K = max(K_D, W.shape[0])
-        P = np.zeros((1 if summed else K, M, G, Cg, geo.flat), dtype=D.dtype)
+        P = np.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), dtype=D.dtype)
         for rows in self._chunks(M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize)):
-            E = np.matmul(Wt, self._side_by_side(D[:, rows]))  # (K, G, J, b·L)
+            E = np.matmul(Wt, self._grid(D[:, rows], geo))  # (K, b, G, J, Ho·Wg)
             if summed and K > 1:
                 E = E.sum(axis=0, keepdims=True)
-            E = E.reshape(E.shape[:2] + (-1, Cg, E.shape[-1] // L, L))  # (K, G, taps, C/G, b, L)
+            E = E.reshape(E.shape[:3] + (-1, Cg, E.shape[-1]))  # (K, b, G, taps, C/G, Ho·Wg)
             for t, (i, j) in enumerate(np.ndindex(*self._kernel)):
                 window = self._window(P, geo, i, j, rows)
-                window += np.moveaxis(E[:, :, t], 3, 1).reshape(window.shape)
+                window += E[..., t, :, :].reshape(window.shape)
         (pH, pW), C = self._padding, self.in_channels
         grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
         return np.ascontiguousarray(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
 
     def _correlate(self, D, P, geo, rows=slice(None), per_example=False):
-        """``D Uᵀ``, the adjoint of :meth:`_apply` in its weights: grid adjoints D (K_D, b, G, O/G, Ho·Wg) of the
-        examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel) summed over the examples (one
-        product per chunk), or (K, b, O, C/G, *kernel) per example."""
-        K, b, start, L = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0, D.shape[-1]
-        out = np.zeros((K,) + ((b,) if per_example else ()) + D.shape[2:4] + (self.fan_in,), dtype=D.dtype)
+        """``D Uᵀ``, the adjoint of :meth:`_apply` in its weights: output-side arrays D (K_D, b, O, [Ho,] Wo) of the
+        examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel) summed over the examples, or
+        (K, b, O, C/G, *kernel) per example."""
+        K, b, start, G = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0, self.groups
+        out = np.zeros((K,) + ((b,) if per_example else ()) + (G, self.out_channels // G, self.fan_in), dtype=D.dtype)
         for sub in self._chunks(b, self._patch_bytes(P.shape[0], 2 * D.shape[0], self.out_channels, geo,
                                                      D.itemsize)):
-            U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))  # (K_P, G, J, b_P·L)
-            Dc = D[:, sub]
+            U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))
+            y = np.matmul(self._grid(D[:, sub], geo), np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
             if per_example:
-                U = np.moveaxis(U.reshape(U.shape[:3] + (-1, L)), 3, 1)  # (K_P, b_P, G, J, L)
-                out[:, sub] = np.matmul(Dc, np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
+                out[:, sub] = y
             else:
-                if U.shape[-1] == L and Dc.shape[1] > 1:  # patches shared by every example: Σ_n D_n Uᵀ = (Σ_n D_n) Uᵀ
-                    Dc = Dc.sum(axis=1, keepdims=True)
-                out += np.matmul(self._side_by_side(Dc), np.swapaxes(U, -1, -2))  # (K, G, O/G, J)
+                out += y.sum(axis=1)
         return self._from_tap_weights(out)
 
     def _patch_gram(self, cache):
@@ -173,9 +158,9 @@ class PatchProducts:
         geo, P, G, Cg = cache["geo"], cache["P"][None], self.groups, self.in_channels // self.groups
         A, s = np.zeros((G, self.fan_in, self.fan_in), dtype=P.dtype), np.zeros((G, self.fan_in), dtype=P.dtype)
         for rows in self._chunks(P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize)):
-            U = self._patches(P, geo, rows)[0]  # (G, J, b·Ho·Wg), J = (tap, channel)
-            U = U.reshape((G, -1, Cg, U.shape[-1] // geo.Wg, geo.Wg))[..., :geo.Wo]
-            U = np.swapaxes(U, 1, 2).reshape((G, self.fan_in, -1))  # J = (channel, tap), valid positions only
-            A += np.matmul(U, np.swapaxes(U, -1, -2))
-            s += U.sum(axis=-1)
+            U = self._patches(P, geo, rows)[0]  # (b, G, J, Ho·Wg), J = (tap, channel)
+            U = U.reshape(U.shape[:2] + (-1, Cg, geo.Ho, geo.Wg))[..., :geo.Wo]
+            U = np.swapaxes(U, 2, 3).reshape(U.shape[:2] + (self.fan_in, -1))  # J = (channel, tap), valid positions
+            A += np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0)
+            s += U.sum(axis=(0, 3))
         return A, s
