@@ -30,11 +30,12 @@ class PatchProducts:
     ``fan_in``, ``kernel_size``, ``spatial`` and the 2-D geometry ``_kernel``, ``_stride``, ``_padding``,
     ``_dilation`` (a 1-D convolution runs on inputs of height 1).
 
-    Arrays: P (K_P, M, G, C/G, flat) padded inputs, flat per channel; D (K_D, M, G, O/G, Ho·Wg) output-side
-    arrays on the grid; a leading K axis of 1 is shared by the K of the other operand.
+    Arrays: P (K_P, M, G, C/G, flat) padded inputs, flat per channel (M = 1: shared by every example);
+    D (K_D, M, O, [Ho,] Wo) output-side arrays in the layer's layout; a leading K axis of 1 is shared by the
+    K of the other operand.
     """
 
-    CHUNK_BYTES = 2 << 20  # the taps loop over a few examples at a time, about this much data, kept in cache
+    CHUNK_BYTES = 2 << 20  # a chunk of examples holds about this many bytes of patches and outputs
 
     def _geometry(self, shape):
         """Sizes for inputs of shape (N, C, [H,] W), in two spatial dimensions."""
@@ -44,7 +45,7 @@ class PatchProducts:
         Ho, Wo = (Hp - dH * (kH - 1) - 1) // sH + 1, (Wp - dW * (kW - 1) - 1) // sW + 1
         shifted = sH == sW == 1
         return Geometry(H, W, Hp, Wp, Ho, Wo, Wp if shifted else Wo, shifted,
-                         Hp * Wp + (dW * (kW - 1) if shifted else 0))
+                        Hp * Wp + (dW * (kW - 1) if shifted else 0))
 
     def _tap_weights(self, W):
         """Weights (K, O, C/G, *kernel) -> (K, G, O/G, J), J = kH·kW·(C/G) in the patches' order (taps first)."""
