@@ -88,12 +88,22 @@ class _Pool:
 
 class _MaxPool(_Pool):
 
+    def _taps(self, X, fill=0.0):
+        """Views (N, C, Ho, Wo) of X (N, C, [H,] W), one per window offset, in row-major order."""
+        X2 = X if self.spatial == 2 else X[:, :, None, :]
+        windows = unfold(X2, self._kernel, self._stride, self._padding, (1, 1), fill)
+        return [windows[..., i, j] for i, j in np.ndindex(*self._kernel)]
+
     def forward(self, p, I):
         """Rule 1: each window's maximum; I (B, C, [H,] W) -> O (B, C, [Ho,] Wo)."""
-        windows = self._windows(I, fill=-np.inf)
-        where = windows.argmax(axis=-1)[..., None]  # first maximum of each window
-        O = np.take_along_axis(windows, where, axis=-1)[..., 0]
-        return self._out(O), {"where": where, "shape": I.shape}
+        taps = self._taps(I, fill=-np.inf)
+        O = taps[0].copy()
+        for tap in taps[1:]:
+            np.maximum(O, tap, out=O)
+        where = np.full(O.shape, len(taps) - 1, dtype=np.intp)
+        for t in range(len(taps) - 2, -1, -1):  # the first tap that holds the maximum
+            where = np.where(taps[t] == O, np.intp(t), where)
+        return self._out(O), {"where": where[..., None], "shape": I.shape}
 
     def backward_input(self, p, cache, DO):
         """Rule 2: each adjoint added to the input entry where its window's maximum was; DO (..., B or 1, C, …)."""
@@ -115,10 +125,13 @@ class _MaxPool(_Pool):
         if dI is None:
             return None
         dI = np.broadcast_to(dI, dI.shape[:1] + tuple(cache["shape"]))
-        windows = self._windows(self._flat(dI))
-        windows = windows.reshape(dI.shape[:2] + windows.shape[1:])
-        where = np.broadcast_to(cache["where"], windows.shape[:-1] + (1,))
-        picked = np.take_along_axis(windows, where, axis=-1)[..., 0]
+        taps = self._taps(self._flat(dI))
+        taps = [tap.reshape(dI.shape[:2] + tap.shape[1:]) for tap in taps]
+        where = cache["where"][..., 0]
+        picked = taps[-1]
+        for t in range(len(taps) - 2, -1, -1):
+            picked = np.where(where == t, taps[t], picked)
+        picked = np.ascontiguousarray(picked)
         return picked if self.spatial == 2 else picked[:, :, :, 0, :]
 
 
