@@ -61,6 +61,11 @@ def default_kind(num_outputs):
     return "exact" if num_outputs <= MAX_EXACT_OUTPUTS else "mc"
 
 
+def _key(path):
+    """A block's key: the layer's index at the top level, its path (i, j, …) inside residual blocks."""
+    return path[0] if len(path) == 1 else path
+
+
 def kronecker_layers(net):
     """K-FAC's blocks in θ's order, ``{key: layer}``: one per layer with parameters, keyed by its index in
     ``net.layers``, or by its path ``(i, j, …)`` inside residual blocks (layer j of the branch of the block at i).
@@ -72,7 +77,7 @@ def kronecker_layers(net):
             for j, inner in enumerate(layer.layers):
                 visit(path + (j,), inner)
         elif layer.param_shapes():
-            key = path[0] if len(path) == 1 else path
+            key = _key(path)
             if not hasattr(layer, "kronecker_factors"):
                 raise TypeError(f"K-FAC needs Kronecker factors for every layer with parameters; "
                                 f"layer {key} ({describe(layer)}) has none")
@@ -120,7 +125,7 @@ def batch_factors(pt, kind="exact", num_samples=1, rng=None):
             for j, (inner, q, c, Dj, _) in enumerate(layer.branch(p, cache, D, None)):
                 visit(path + (j,), inner, q, c, Dj)
         elif layer.param_shapes():
-            factors[path[0] if len(path) == 1 else path] = layer.kronecker_factors(cache, D)
+            factors[_key(path)] = layer.kronecker_factors(cache, D)
 
     first = min(key[0] if isinstance(key, tuple) else key for key in units)
     for i in reversed(range(first, len(pt.net.layers))):
