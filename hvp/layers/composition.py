@@ -294,9 +294,9 @@ class Residual:
                                                                     weights=weights))
 
     def branch(self, p, cache, DO, out):
-        """f's layers for the Hessian diagonal: ``(layer, p_j, cache_j, DO_j, out_j)`` per layer of f, DO_j the
-        adjoint at its output for the block's output adjoint DO (those kept by the gradient's pass, or carried
-        back through f again) and out_j its views into ``out`` (None without ``out``)."""
+        """f's layers for the Hessian diagonal and K-FAC: ``(layer, p_j, cache_j, DO_j, out_j)`` per layer of f,
+        DO_j the adjoint at its output for the block's output adjoint DO (those kept by the gradient's pass, or
+        carried back through f again) and out_j its views into ``out`` (None without ``out``)."""
         kept = cache.get("adjoints")
         if kept is not None and kept[0] is DO and all(a is not None for a in kept[1]):
             adjoints = kept[1]
