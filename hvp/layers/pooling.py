@@ -111,10 +111,24 @@ class _MaxPool(_Pool):
         lead = DO.shape[:DO.ndim - 2 - self.spatial]
         DO = np.broadcast_to(DO, lead + tuple(shape[:1]) + DO.shape[DO.ndim - 1 - self.spatial:])  # shared columns
         D2 = DO if self.spatial == 2 else DO[..., None, :]  # (..., B, C, Ho, Wo)
+        if self._stride == self._kernel and not any(self._padding):  # windows that do not overlap
+            return self._scatter(cache["where"][..., 0], D2, shape).reshape(lead + tuple(shape))
         D = np.zeros(D2.shape + (int(np.prod(self._kernel)),), dtype=DO.dtype)
         np.put_along_axis(D, np.broadcast_to(cache["where"], D2.shape + (1,)), D2[..., None], axis=-1)
         DI = self._fold(D.reshape((-1,) + D.shape[-4:]), shape)
         return DI.reshape(lead + tuple(shape))
+
+    def _scatter(self, where, D2, shape):
+        """Rule 2 for windows that do not overlap: each input entry is written once, by the window offset it sits
+        at, with the adjoint where that offset held the maximum and 0 elsewhere (uncovered edges: 0)."""
+        (kH, kW), (Ho, Wo) = self._kernel, D2.shape[-2:]
+        H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
+        DI = np.empty(D2.shape[:-2] + (H, W), dtype=D2.dtype)
+        DI[..., Ho * kH:, :] = 0
+        DI[..., :, Wo * kW:] = 0
+        for t, (i, j) in enumerate(np.ndindex(kH, kW)):
+            np.multiply(D2, where == t, out=DI[..., i:Ho * kH:kH, j:Wo * kW:kW])
+        return DI
 
     def backward_diagonal(self, p, cache, d):
         """``Jᵀ d`` = diag(Jᵀ diag(d) J): each output copies one input entry, so J's entries are 0 or 1, one per row."""
