@@ -104,7 +104,7 @@ class _Conv(PatchProducts):
         return O, {"P": P, "shape": I.shape, "geo": geo}
 
     def backward_input(self, p, cache, DO):
-        """Rule 2: ``DI = fold(DO W_g)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W), B or 1 (shared)."""
+        """Rule 2: ``DI = fold(Wᵀ DO)``; DO (..., B, O, [Ho,] Wo) -> DI (..., B, C, [H,] W), B or 1 (shared)."""
         lead = DO.shape[:-1 - self.spatial]  # the batch axis included: it may be 1
         DI = self._adjoint(p["weight"][None], DO.reshape((1, -1) + DO.shape[-1 - self.spatial:]), cache["geo"])
         return DI.reshape(lead + tuple(cache["shape"][1:]))
@@ -114,7 +114,7 @@ class _Conv(PatchProducts):
         return D.sum(axis=tuple(range(-self.spatial, 0)))
 
     def backward_params(self, p, cache, DO, out=None):
-        """Rule 2: ``DW_g = DOᵀ U``, ``Db = Σ DO``; DO (B, O, …) -> weight (O, C/G, *kernel), or per direction
+        """Rule 2: ``DW = Σ_n DO_n U_nᵀ``, ``Db = Σ DO``; DO (B, O, …) -> weight (O, C/G, *kernel), or per direction
         for DO (k, B, O, …) -> (k, O, C/G, *kernel)."""
         out = {} if out is None else out
         per_direction = DO.ndim == 3 + self.spatial
@@ -143,7 +143,8 @@ class _Conv(PatchProducts):
         return dO
 
     def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
-        """Rule 4 cross terms: ``DI_k = fold(DOD Ẇ_k)``, ``DW_k = DODᵀ unfold(İ_k)``; DOD (B, O, …) or (k, B, O, …).
+        """Rule 4 cross terms: ``DI_k = fold(Ẇ_kᵀ DOD)``, ``DW_k = Σ_n DOD_n unfold(İ_k,n)ᵀ``; DOD (B, O, …) or
+        (k, B, O, …).
 
         Returns DI_k (k, B, C, …) and ``{"weight": (k, O, C/G, *kernel)}``; with ``summed`` their sums over k.
         """
@@ -211,7 +212,7 @@ class _Conv(PatchProducts):
                 out["bias"] += b2.sum(axis=(0, 1))
 
     def tangent_grad_squares(self, p, cache, dI, DO, DOD, out):
-        """``Σ_b g_b²`` for example b's gradient by rules 2 and 4, ``(g_b)_W = DO_bᵀ U_b + Σ_k DOD_kbᵀ unfold(İ_kb)``
+        """``Σ_b g_b²`` for example b's gradient by rules 2 and 4, ``(g_b)_W = DO_b U_bᵀ + Σ_k DOD_kb unfold(İ_kb)ᵀ``
         per group, ``(g_b)_b = Σ_l DO_bl``; dI (k, B or 1, C, …) or None, DO (B, O, …), DOD (k, B, O, …)."""
         k = 0 if dI is None else dI.shape[0]
         if k:
@@ -227,7 +228,7 @@ class _Conv(PatchProducts):
             out["bias"][...] = np.square(self._bias_grads(DO)).sum(axis=0)
 
     def diagonal_squares(self, p, cache, d, out):
-        """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, O, …) at the output: rule 2's ``DW_g = dᵀ U``
+        """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, O, …) at the output: rule 2's ``Σ_n d_n U_nᵀ``
         with squared patches (the patches of I², padding included), and ``Σ d`` for the bias."""
         W = self._correlate(d[None], np.square(cache["P"])[None], cache["geo"])[0]
         out["weight"][...] = W

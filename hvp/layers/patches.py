@@ -22,6 +22,8 @@ from collections import namedtuple
 
 import numpy as np
 
+from .windows import window_geometry
+
 Geometry = namedtuple("Geometry", "H W Hp Wp Ho Wo Wg shifted flat")
 
 
@@ -39,11 +41,11 @@ class PatchProducts:
 
     def _geometry(self, shape):
         """Sizes for inputs of shape (N, C, [H,] W), in two spatial dimensions."""
-        (kH, kW), (sH, sW), (pH, pW), (dH, dW) = self._kernel, self._stride, self._padding, self._dilation
+        (_, kW), (pH, pW), (_, dW) = self._kernel, self._padding, self._dilation
         H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
         Hp, Wp = H + 2 * pH, W + 2 * pW
-        Ho, Wo = (Hp - dH * (kH - 1) - 1) // sH + 1, (Wp - dW * (kW - 1) - 1) // sW + 1
-        shifted = sH == sW == 1
+        Ho, Wo = window_geometry(repr(self), (H, W), self._kernel, self._stride, self._padding, self._dilation)
+        shifted = self._stride == (1, 1)
         return Geometry(H, W, Hp, Wp, Ho, Wo, Wp if shifted else Wo, shifted,
                         Hp * Wp + (dW * (kW - 1) if shifted else 0))
 

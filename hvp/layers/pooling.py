@@ -52,11 +52,20 @@ class _Pool:
         return in_shape[:1] + window_geometry(name, in_shape[1:], self.kernel_size, self.stride, self.padding,
                                               (1,) * self.spatial)
 
+    def _unfold(self, X, fill=0.0):
+        """Windows of X (N, C, [H,] W): a view (N, C, Ho, Wo, kH, kW)."""
+        X2 = X if self.spatial == 2 else X[:, :, None, :]
+        return unfold(X2, self._kernel, self._stride, self._padding, (1, 1), fill)
+
     def _windows(self, X, fill=0.0):
         """Windows of X (N, C, [H,] W): (N, C, Ho, Wo, kH·kW), a copy."""
-        X2 = X if self.spatial == 2 else X[:, :, None, :]
-        w = unfold(X2, self._kernel, self._stride, self._padding, (1, 1), fill)
+        w = self._unfold(X, fill)
         return w.reshape(w.shape[:4] + (-1,))
+
+    def _taps(self, X, fill=0.0):
+        """Views (N, C, Ho, Wo) of X (N, C, [H,] W), one per window offset, in row-major order."""
+        windows = self._unfold(X, fill)
+        return [windows[..., i, j] for i, j in np.ndindex(*self._kernel)]
 
     def _out(self, O2):
         """(N, C, Ho, Wo) -> the layer's output layout."""
@@ -87,12 +96,6 @@ class _Pool:
 
 
 class _MaxPool(_Pool):
-
-    def _taps(self, X, fill=0.0):
-        """Views (N, C, Ho, Wo) of X (N, C, [H,] W), one per window offset, in row-major order."""
-        X2 = X if self.spatial == 2 else X[:, :, None, :]
-        windows = unfold(X2, self._kernel, self._stride, self._padding, (1, 1), fill)
-        return [windows[..., i, j] for i, j in np.ndindex(*self._kernel)]
 
     def forward(self, p, I):
         """Rule 1: each window's maximum; I (B, C, [H,] W) -> O (B, C, [Ho,] Wo)."""
