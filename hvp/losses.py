@@ -11,6 +11,7 @@ for MSE, as ``torch.nn``); with ``"sum"`` they are added.
 
 import numpy as np
 
+from . import memory
 from ._checks import check_finite, check_reduction, describe, real_array
 
 
@@ -141,12 +142,15 @@ class CrossEntropyLoss:
             return np.zeros((1, B, 1), dtype=p.dtype)
         sqrt_p = np.sqrt(p)
         rows, j = np.arange(B), np.argmin(p, axis=1)
-        A = sqrt_p.T[:, :, None] * (np.eye(C, dtype=p.dtype)[:, None, :] - p)  # A[i, b] = √p_bi (e_i − p_b)
+        A = memory.empty((C, B, C), p.dtype)
+        np.subtract(np.eye(C, dtype=p.dtype)[:, None, :], p, out=A)
+        A *= sqrt_p.T[:, :, None]  # A[i, b] = √p_bi (e_i − p_b)
         coef = sqrt_p / (1 - sqrt_p[rows, j])[:, None]  # √p_bi / (1 − √p_bj), √p_bj <= 1/√C
-        S_full = A + coef.T[:, :, None] * A[j, rows]
+        A += memory.multiply(coef.T[:, :, None], A[j, rows])
         keep = np.arange(C - 1)[:, None]
         keep = keep + (keep >= j)  # the C − 1 indices i ≠ j_b, for every b
-        S = S_full[keep, rows]
+        S = memory.empty((C - 1, B, C), p.dtype)
+        np.take(A.reshape(C * B, C), (keep * B + rows).reshape(-1), axis=0, out=S.reshape(-1, C))
         S *= self._sqrt_weight(cache)
         return S
 

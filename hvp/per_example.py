@@ -18,6 +18,7 @@ squares do not factor and it forms per-example gradients a block of examples at 
 
 import numpy as np
 
+from . import memory
 from ._checks import check_int, check_seed, describe
 from .layers.activations import Elementwise
 
@@ -40,7 +41,7 @@ def _param_layers(pt):
 
 def _grad_without_l2(pt):
     """``Σ_n g_n`` (P,): the gradient of the loss alone, a fresh array."""
-    g = pt.grad.copy()
+    g = memory.copy(pt.grad)
     if pt.l2:
         g[pt.weight_mask] -= g.dtype.type(pt.l2) * pt.theta[pt.weight_mask]
     return g
@@ -48,7 +49,7 @@ def _grad_without_l2(pt):
 
 def sum_grad_squared(pt):
     """``Σ_n g_n²`` (P,): for a Linear layer weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
-    out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
+    out = memory.empty((pt.net.num_params,), pt.theta.dtype)
     views = pt.net.unflatten(out)
     for i in _param_layers(pt):
         pt.net.layers[i].grad_squares(pt.params[i], pt.caches[i], pt.adjoints[i][None], views[i])
@@ -58,7 +59,7 @@ def sum_grad_squared(pt):
 def batch_grad(pt):
     """``g_n`` (B, P) for every example; one (B, P) array, filled a block of examples at a time."""
     B = pt.outputs.shape[0]
-    out = np.empty((B, pt.net.num_params), dtype=pt.theta.dtype)
+    out = memory.empty((B, pt.net.num_params), pt.theta.dtype)
     views = pt.net.unflatten(out)  # e.g. weight (B, m, n), bias (B, n): views into the rows of out
     layers = _param_layers(pt)
     rows = max(1, BATCH_GRAD_BLOCK_BYTES // out[0].nbytes)  # blocks of rows written front to back
@@ -91,7 +92,7 @@ def variance(pt):
     g = _grad_without_l2(pt) if pt.l2 else pt.grad
     if c != B:
         g = g * g.dtype.type(c / B)
-    out -= np.square(g)
+    out -= np.square(g, out=memory.empty(g.shape, g.dtype))
     out[out < 0] = 0  # rounding; faster than np.maximum, which checks for NaN
     return out
 
@@ -105,7 +106,7 @@ def _diag_ggn_from_factor(pt, S):
     ``DO = σ′ ⊙ D``, so that a Linear layer's ``Σ_k DO_k² = σ′² ⊙ Σ_k D_k²`` costs (B, n) work and D
     is scaled only if it travels on.
     """
-    out = np.empty(pt.net.num_params, dtype=pt.theta.dtype)
+    out = memory.empty((pt.net.num_params,), pt.theta.dtype)
     views = pt.net.unflatten(out)
     layers = _param_layers(pt)
     D = S.astype(pt.theta.dtype)  # our own copy: scaled in place below

@@ -9,7 +9,7 @@ Blocks of k directions travel together along the k axis (DESIGN.md §1).
 
 import numpy as np
 
-from . import kfac, per_example
+from . import kfac, memory, per_example
 from ._checks import (
     check_direction,
     check_finite,
@@ -39,7 +39,7 @@ def _backward(net, params, caches, DO, keep_adjoints=False):
 
     With ``keep_adjoints``, also returns the adjoint of every layer's output.
     """
-    grad = np.empty(DO.shape[:-2] + (net.num_params,), dtype=DO.dtype)
+    grad = memory.empty(DO.shape[:-2] + (net.num_params,), DO.dtype)
     views = net.unflatten(grad)
     adjoints = [None] * len(net.layers)
     for i in reversed(range(len(net.layers))):
@@ -55,7 +55,7 @@ def _transpose(a, rows=4096):
     """C-contiguous ``a.T`` for a (P, k) array, copied in cache-sized pieces (2x faster than numpy's)."""
     if a.T.flags.c_contiguous:
         return a.T
-    out = np.empty(a.shape[::-1], dtype=a.dtype)
+    out = memory.empty(a.shape[::-1], a.dtype)
     for start in range(0, a.shape[0], rows):
         out[:, start:start + rows] = a[start:start + rows].T
     return out
@@ -101,7 +101,7 @@ def linearize(net, loss, theta, X, y, l2=0.0):
         ``.hvp``, ``.ggnvp``, ``.jvp``, ``.vjp``.
     """
     theta, X, l2 = _prepare(net, loss, theta, X, y, l2)
-    return Linearization(net, loss, theta.copy(), X, y, l2)
+    return Linearization(net, loss, memory.copy(theta), X, y, l2)
 
 
 class Linearization:
@@ -154,7 +154,7 @@ class Linearization:
         V, was_vector = self._rows(v)
         dps, tangent_inputs, dO = self._tangents(V)
         RDO = self.loss_fn.hessian_vp(self.loss_cache, dO)
-        out = np.empty_like(V)
+        out = memory.empty(V.shape, V.dtype)
         views = self.net.unflatten(out)
         for i in reversed(range(len(self.net.layers))):
             layer, p, cache = self.net.layers[i], self.params[i], self.caches[i]

@@ -13,17 +13,36 @@ derivatives so that they may reuse it. The four rules of the layer contract
 
 σ′ and σ″ are computed at most once per forward pass and kept in the cache.
 A σ″ that is identically zero is returned as the scalar 0, and its terms are
-skipped.
+skipped. σ, σ′ and σ″ are evaluated a block of entries at a time into an array of the
+pool (:mod:`hvp.memory`), so that their temporaries stay small and in cache.
 """
 
 import numpy as np
 from scipy.special import expit
 
+from .. import memory
 from .._checks import check_real
+
+BLOCK = 1 << 14  # entries per block of an elementwise evaluation (64 kB of float32)
 
 
 def _is_zero(a):
     return np.ndim(a) == 0 and a == 0
+
+
+def _blockwise(fn, x, *more):
+    """``fn(x, *more)`` for arrays of x's shape, a block of ``BLOCK`` entries at a time, into a pooled array;
+    a scalar result (a constant derivative) is returned as it is."""
+    flat = [np.reshape(a, -1) for a in (x, *more)]
+    first = fn(*(a[:BLOCK] for a in flat))
+    if np.ndim(first) == 0:
+        return first
+    out = memory.empty(x.shape, first.dtype)
+    out_flat = out.reshape(-1)
+    out_flat[:BLOCK] = first
+    for start in range(BLOCK, out_flat.size, BLOCK):
+        out_flat[start:start + BLOCK] = fn(*(a[start:start + BLOCK] for a in flat))
+    return out
 
 
 class Elementwise:
@@ -49,22 +68,22 @@ class Elementwise:
 
     def forward(self, p, I):
         """Rule 1: ``O = σ(I)``; I (B, n) -> O (B, n)."""
-        O = self.sigma(I)
+        O = _blockwise(self.sigma, I)
         return O, {"x": I, "y": O}
 
     def _d1(self, cache):
         if "d1" not in cache:
-            cache["d1"] = self.dsigma(cache["x"], cache["y"])
+            cache["d1"] = _blockwise(self.dsigma, cache["x"], cache["y"])
         return cache["d1"]
 
     def _d2(self, cache):
         if "d2" not in cache:
-            cache["d2"] = self.d2sigma(cache["x"], cache["y"])
+            cache["d2"] = _blockwise(self.d2sigma, cache["x"], cache["y"])
         return cache["d2"]
 
     def backward_input(self, p, cache, DO):
         """Rule 2: ``DI = σ′(I) ⊙ DO``; DO (..., B, n)."""
-        return self._d1(cache) * DO
+        return memory.multiply(self._d1(cache), DO)
 
     def backward_params(self, p, cache, DO, out=None):
         return {}
@@ -73,7 +92,7 @@ class Elementwise:
         """Rule 3: ``Ȯ_k = σ′(I) ⊙ İ_k``; dI (k, B, n) or None."""
         if dI is None:
             return None
-        return self._d1(cache) * dI
+        return memory.multiply(self._d1(cache), dI)
 
     def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
         """Rule 4 cross term: ``DI_k = σ″(I) ⊙ İ_k ⊙ DOD``; DOD (B, n) or (k, B, n) -> (k, B, n).
@@ -86,7 +105,9 @@ class Elementwise:
         if _is_zero(d2):
             return None, None
         if not summed:
-            return d2 * DOD * dI, None
+            DI = memory.multiply(DOD, dI)
+            DI *= d2
+            return DI, None
         return d2 * (DOD * dI).sum(axis=0), None
 
     # -- the Hessian diagonal (hvp.diag_hessian) ----------------------------------------------------

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from .. import memory
 from .._checks import check_bool, describe
 
 PAIRS_MAX_K = 8
@@ -63,7 +64,7 @@ class Linear:
 
     def forward(self, p, I):
         """Rule 1: ``O = I W + b``; I (B, m) -> O (B, n)."""
-        O = I @ p["weight"]
+        O = memory.matmul(I, p["weight"])
         if self.bias:
             O += p["bias"]
         return O, I
@@ -71,7 +72,7 @@ class Linear:
     def backward_input(self, p, I, DO):
         """Rule 2: ``DI = DO Wᵀ``; DO (..., B, n) -> DI (..., B, m)."""
         W = p["weight"]
-        return (DO.reshape(-1, W.shape[1]) @ W.T).reshape(DO.shape[:-1] + (W.shape[0],))
+        return memory.matmul(DO.reshape(-1, W.shape[1]), W.T).reshape(DO.shape[:-1] + (W.shape[0],))
 
     def backward_params(self, p, I, DO, out=None):
         """Rule 2: ``DW = Iᵀ DO``, ``Db = Σ_b DO``, written into ``out`` if given.
@@ -88,9 +89,9 @@ class Linear:
     def tangent(self, p, I, dI, dp):
         """Rule 3: ``Ȯ_k = İ_k W + I Ẇ_k + ḃ_k``; dI (k, B, m), Ẇ (k, m, n) -> dO (k, B, n)."""
         W = p["weight"]
-        dO = None if dI is None else (dI.reshape(-1, W.shape[0]) @ W).reshape(dI.shape[:-1] + (W.shape[1],))
+        dO = None if dI is None else memory.matmul(dI.reshape(-1, W.shape[0]), W).reshape(dI.shape[:-1] + (W.shape[1],))
         if dp is not None:
-            from_params = np.matmul(I, dp["weight"])
+            from_params = memory.matmul(I, dp["weight"])
             if self.bias:
                 from_params += dp["bias"][:, None, :]
             if dO is None:
@@ -101,13 +102,15 @@ class Linear:
 
     def kronecker_factors(self, I, D):
         """K-FAC's factors: ``A = (1/B) Σ_b ā_b ā_bᵀ``, ā = [I, 1]; ``G = Σ_{k,b} D_kb D_kbᵀ`` for D (K, B, n)."""
-        B = I.shape[0]
-        A = I.T @ I
+        B, m = I.shape
+        A = memory.empty((m + self.bias,) * 2, I.dtype)
+        np.matmul(I.T, I, out=A[:m, :m])
         if self.bias:
-            s = I.sum(axis=0)
-            A = np.block([[A, s[:, None]], [s[None, :], np.full((1, 1), B, dtype=I.dtype)]])
+            A[m, :m] = A[:m, m] = I.sum(axis=0)
+            A[m, m] = B
+        A /= I.dtype.type(B)
         D = D.reshape(-1, D.shape[-1])
-        return A / I.dtype.type(B), D.T @ D
+        return A, memory.matmul(D.T, D)
 
     def kronecker_matrix(self, p):
         """The parameters as K-FAC's matrix ``W̄ = [W; b]`` (..., m+1, n) (W without a bias)."""
@@ -136,7 +139,7 @@ class Linear:
 
     def diagonal_squares(self, p, I, d, out):
         """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, n) at the output: weight ``(I²)ᵀ d``, bias ``Σ d``."""
-        np.matmul(np.square(I).T, d, out=out["weight"])
+        np.matmul(np.square(I, out=memory.empty(I.shape, I.dtype)).T, d, out=out["weight"])
         if self.bias:
             np.sum(d, axis=0, out=out["bias"])
 
@@ -171,14 +174,14 @@ class Linear:
         """
         DI = grads = None
         if dp is not None and need_input:
-            DI = np.matmul(DOD, dp["weight"].transpose(0, 2, 1))
+            DI = memory.matmul(DOD, dp["weight"].transpose(0, 2, 1))
             if summed:
                 DI = DI.sum(axis=0)
         if dI is not None:
             if dI.shape[-2] == 1 and DOD.shape[-2] != 1:  # a tangent shared by all examples
                 DOD = DOD.sum(axis=-2, keepdims=True)
             if not summed:
-                grads = {"weight": np.matmul(dI.transpose(0, 2, 1), DOD)}
+                grads = {"weight": memory.matmul(dI.transpose(0, 2, 1), DOD)}
             elif DOD.ndim == 2:
                 grads = {"weight": dI.sum(axis=0).T @ DOD}
             else:
@@ -223,9 +226,14 @@ def weighted_squares(V, weights, scale, B):
     if flat.shape[1] == 1:
         squares = np.square(flat[:, 0])  # (K, n)
         h = np.ascontiguousarray(weights.T) @ squares if weights is not None else np.tile(squares.sum(axis=0), (B, 1))
-    elif weights is None:
-        h = np.einsum("kbn,kbn->bn", flat, flat)
     else:
-        h = np.einsum("kb,kbn,kbn->bn", weights, flat, flat)
+        h = memory.empty(flat.shape[1:], flat.dtype)
+        if weights is None:
+            np.einsum("kbn,kbn->bn", flat, flat, out=h)
+        else:
+            np.einsum("kb,kbn,kbn->bn", weights, flat, flat, out=h)
     h = h.reshape((B,) + shape)
-    return h if scale is None else h * np.square(scale)
+    if scale is not None:
+        h *= scale
+        h *= scale
+    return h

@@ -22,6 +22,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from .. import memory
 from .windows import window_geometry
 
 Geometry = namedtuple("Geometry", "H W Hp Wp Ho Wo Wg shifted flat")
@@ -64,7 +65,7 @@ class PatchProducts:
     def _padded(self, X, geo):
         """Inputs (M, C, [H,] W) -> zero-padded and flat per channel, (M, G, C/G, flat)."""
         M, C, (pH, pW) = X.shape[0], self.in_channels, self._padding
-        P = np.zeros((M, C, geo.flat), dtype=X.dtype)
+        P = memory.zeros((M, C, geo.flat), X.dtype)
         grid = P[:, :, :geo.Hp * geo.Wp].reshape(M, C, geo.Hp, geo.Wp)
         grid[:, :, pH:pH + geo.H, pW:pW + geo.W] = X.reshape(M, C, geo.H, geo.W)
         return P.reshape(M, self.groups, C // self.groups, geo.flat)
@@ -85,7 +86,7 @@ class PatchProducts:
         the order (tap, channel); formed a few examples at a time, so that they stay in cache."""
         taps, Cg = list(np.ndindex(*self._kernel)), self.in_channels // self.groups
         lead = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
-        U = np.empty(lead + (len(taps), Cg, geo.Ho, geo.Wg), dtype=P.dtype)
+        U = memory.empty(lead + (len(taps), Cg, geo.Ho, geo.Wg), P.dtype)
         for t, (i, j) in enumerate(taps):
             U[..., t, :, :, :] = self._window(P, geo, i, j, rows).reshape(lead + (Cg, geo.Ho, geo.Wg))
         return U.reshape(lead + (-1, geo.Ho * geo.Wg))
@@ -100,7 +101,7 @@ class PatchProducts:
         K, b, G = D.shape[0], D.shape[1], self.groups
         D = D.reshape((K, b, G, self.out_channels // G, geo.Ho, geo.Wo))
         if geo.Wg != geo.Wo:
-            Z = np.zeros(D.shape[:-1] + (geo.Wg,), dtype=D.dtype)
+            Z = memory.zeros(D.shape[:-1] + (geo.Wg,), D.dtype)
             Z[..., :geo.Wo] = D
             D = Z
         return D.reshape(D.shape[:4] + (-1,))
@@ -114,9 +115,9 @@ class PatchProducts:
         K_P, K_W ∈ {1, K}: outputs (K, M, O, [Ho,] Wo)."""
         Wt, (K_P, M), G = self._tap_weights(W)[:, None], P.shape[:2], self.groups
         K = max(K_P, W.shape[0])
-        out = np.empty((K, M, G, self.out_channels // G, geo.Ho, geo.Wo), dtype=P.dtype)
+        out = memory.empty((K, M, G, self.out_channels // G, geo.Ho, geo.Wo), P.dtype)
         for rows in self._chunks(M, self._patch_bytes(K_P, 2 * K, self.out_channels, geo, P.itemsize)):
-            y = np.matmul(Wt, self._patches(P, geo, rows))  # (K, b, G, O/G, Ho·Wg)
+            y = memory.matmul(Wt, self._patches(P, geo, rows))  # (K, b, G, O/G, Ho·Wg)
             out[:, rows] = y.reshape(y.shape[:-1] + (geo.Ho, geo.Wg))[..., :geo.Wo]
         return out.reshape((K, M, self.out_channels) + (geo.Ho, geo.Wo)[2 - self.spatial:])
 
@@ -126,9 +127,9 @@ class PatchProducts:
         Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2)[:, None], D.shape[:2]
         Cg = self.in_channels // self.groups
         K = max(K_D, W.shape[0])
-        P = np.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), dtype=D.dtype)
+        P = memory.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), D.dtype)
         for rows in self._chunks(M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize)):
-            E = np.matmul(Wt, self._grid(D[:, rows], geo))  # (K, b, G, J, Ho·Wg)
+            E = memory.matmul(Wt, self._grid(D[:, rows], geo))  # (K, b, G, J, Ho·Wg)
             if summed and K > 1:
                 E = E.sum(axis=0, keepdims=True)
             E = E.reshape(E.shape[:3] + (-1, Cg, E.shape[-1]))  # (K, b, G, taps, C/G, Ho·Wg)
@@ -137,18 +138,18 @@ class PatchProducts:
                 window += E[..., t, :, :].reshape(window.shape)
         (pH, pW), C = self._padding, self.in_channels
         grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
-        return np.ascontiguousarray(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
+        return memory.copy(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
 
     def _correlate(self, D, P, geo, rows=slice(None), per_example=False):
         """``D Uᵀ``, the adjoint of :meth:`_apply` in its weights: output-side arrays D (K_D, b, O, [Ho,] Wo) of the
         examples ``rows`` of P (K_P, M, G, C/G, flat) -> (K, O, C/G, *kernel) summed over the examples, or
         (K, b, O, C/G, *kernel) per example."""
         K, b, start, G = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0, self.groups
-        out = np.zeros((K,) + ((b,) if per_example else ()) + (G, self.out_channels // G, self.fan_in), dtype=D.dtype)
+        out = memory.zeros((K,) + ((b,) if per_example else ()) + (G, self.out_channels // G, self.fan_in), D.dtype)
         for sub in self._chunks(b, self._patch_bytes(P.shape[0], 2 * D.shape[0], self.out_channels, geo,
                                                      D.itemsize)):
             U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))
-            y = np.matmul(self._grid(D[:, sub], geo), np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
+            y = memory.matmul(self._grid(D[:, sub], geo), np.swapaxes(U, -1, -2))  # (K, c, G, O/G, J)
             if per_example:
                 out[:, sub] = y
             else:

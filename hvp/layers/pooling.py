@@ -11,6 +11,7 @@ Flatten copies one input entry, a diagonal Hessian at their output comes back di
 
 import numpy as np
 
+from .. import memory
 from .windows import fold, positive_ints, unfold, window_geometry
 
 
@@ -126,7 +127,7 @@ class _MaxPool(_Pool):
         at, with the adjoint where that offset held the maximum and 0 elsewhere (uncovered edges: 0)."""
         (kH, kW), (Ho, Wo) = self._kernel, D2.shape[-2:]
         H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
-        DI = np.empty(D2.shape[:-2] + (H, W), dtype=D2.dtype)
+        DI = memory.empty(D2.shape[:-2] + (H, W), D2.dtype)
         DI[..., Ho * kH:, :] = 0
         DI[..., :, Wo * kW:] = 0
         for t, (i, j) in enumerate(np.ndindex(kH, kW)):
