@@ -103,7 +103,8 @@ def child(args):
 def run(problem_name, name, setting, args):
     command = [sys.executable, __file__, "--child", "--problem", problem_name, "--quantity", name,
                "--setting", setting, "--repeats", str(args.repeats)]
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}  # glibc's defaults
+    env["OPENBLAS_NUM_THREADS"] = str(args.threads)
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.splitlines()[-1])
 

@@ -18,7 +18,7 @@ from ._checks import check_finite, check_reduction, describe, real_array
 def _diagonal_factor(d):
     """S (C, B, C) with ``S_kb = d_bk e_k``: the factor of a diagonal Hessian ``diag(d_b²)``; d (B, C)."""
     C = d.shape[1]
-    S = np.zeros((C,) + d.shape, dtype=d.dtype)
+    S = memory.zeros((C,) + d.shape, d.dtype)
     S[np.arange(C), :, np.arange(C)] = d.T
     return S
 
@@ -178,7 +178,8 @@ class CrossEntropyLoss:
         cdf = np.cumsum(p, axis=1, dtype=np.float64)
         u = rng.random((num_samples, B)) * cdf[:, -1]
         labels = (u[:, :, None] >= cdf).sum(axis=2)  # smallest c with cdf_c > u
-        S = np.repeat(p[None], num_samples, axis=0)
+        S = memory.empty((num_samples,) + p.shape, p.dtype)
+        S[...] = p
         S[np.arange(num_samples)[:, None], np.arange(B), labels] -= 1
         S *= self._sqrt_weight(cache) * p.dtype.type(np.sqrt(1 / num_samples))
         return S

@@ -109,13 +109,13 @@ def _diag_ggn_from_factor(pt, S):
     out = memory.empty((pt.net.num_params,), pt.theta.dtype)
     views = pt.net.unflatten(out)
     layers = _param_layers(pt)
-    D = S.astype(pt.theta.dtype)  # our own copy: scaled in place below
+    D = S.astype(pt.theta.dtype, copy=False)  # a fresh factor, ours to scale in place below
     scale = None  # DO = scale ⊙ D, scale (B, …) or None for 1
     for i in reversed(range(layers[0], len(pt.net.layers))):
         layer, p, cache = pt.net.layers[i], pt.params[i], pt.caches[i]
         if isinstance(layer, Elementwise):
             d1 = layer._d1(cache)
-            scale = d1 if scale is None else scale * d1
+            scale = d1 if scale is None else memory.multiply(scale, d1)
             continue
         if i in layers:
             layer.grad_squares(p, cache, D, views[i], scale)

@@ -34,21 +34,26 @@ def _prepare(net, loss, theta, X, y, l2):
     return theta, X, check_l2(l2)
 
 
-def _backward(net, params, caches, DO, keep_adjoints=False):
-    """Rule 2 from the outputs to θ: gradient (P,) for DO (B, C), or (k, P) for DO (k, B, C).
-
-    With ``keep_adjoints``, also returns the adjoint of every layer's output.
-    """
+def _backward(net, params, caches, DO):
+    """Rule 2 from the outputs to θ: gradient (P,) for DO (B, C), or (k, P) for DO (k, B, C)."""
     grad = memory.empty(DO.shape[:-2] + (net.num_params,), DO.dtype)
     views = net.unflatten(grad)
-    adjoints = [None] * len(net.layers)
     for i in reversed(range(len(net.layers))):
         layer, p, cache = net.layers[i], params[i], caches[i]
-        adjoints[i] = DO
         layer.backward_params(p, cache, DO, out=views[i])
         if i > 0:
             DO = layer.backward_input(p, cache, DO)
-    return (grad, adjoints) if keep_adjoints else grad
+    return grad
+
+
+def _adjoints(net, params, caches, DO):
+    """The adjoint ``δ = ∂L/∂O`` at every layer's output: rule 2's input half only, from DO (B, C)."""
+    adjoints = [None] * len(net.layers)
+    for i in reversed(range(len(net.layers))):
+        adjoints[i] = DO
+        if i > 0:
+            DO = net.layers[i].backward_input(params[i], caches[i], DO)
+    return adjoints
 
 
 def _transpose(a, rows=4096):
@@ -112,7 +117,7 @@ class Linearization:
     loss : float
         ``L(θ)``, L2 penalty included.
     grad : ndarray, shape (P,)
-        ``∇L(θ)``, L2 term included.
+        ``∇L(θ)``, L2 term included; computed when first read (the products need only the adjoints).
     outputs : ndarray, shape (B, C)
         Network outputs ``O = f(θ, X)``.
     inputs, targets : ndarray
@@ -128,11 +133,20 @@ class Linearization:
         self.inputs, self.targets = X, loss.check_target(y, self.outputs)
         self.num_examples, self.num_outputs = self.outputs.shape
         value, self.loss_cache = loss.forward(self.outputs, self.targets)
-        self.grad, self.adjoints = _backward(net, self.params, self.caches,
-                                             loss.backward(self.loss_cache), keep_adjoints=True)
+        self.adjoints = _adjoints(net, self.params, self.caches, loss.backward(self.loss_cache))
         self.weight_mask = net.weight_mask()
         self.loss = value + l2_value(theta, self.weight_mask, l2)
-        add_l2(self.grad, theta, self.weight_mask, l2)
+        self._grad = None
+
+    @property
+    def grad(self):
+        if self._grad is None:
+            grad = memory.empty((self.net.num_params,), self.theta.dtype)
+            views = self.net.unflatten(grad)
+            for layer, p, cache, DO, out in zip(self.net.layers, self.params, self.caches, self.adjoints, views):
+                layer.backward_params(p, cache, DO, out=out)
+            self._grad = add_l2(grad, self.theta, self.weight_mask, self.l2)
+        return self._grad
 
     # -- directions ---------------------------------------------------------
 

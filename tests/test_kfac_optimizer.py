@@ -240,7 +240,7 @@ def test_faulty_step_is_rejected_state_unchanged(fault, monkeypatch):
 
         def nan_gradient(*args, **kwargs):
             pt = real(*args, **kwargs)
-            pt.grad = np.full_like(pt.grad, np.nan)
+            pt.grad.fill(np.nan)
             return pt
 
         monkeypatch.setattr(hvp, "linearize", nan_gradient)

@@ -1,5 +1,6 @@
 """hvp's pool of buffers (memory.empty), and reuse_freed_memory: repeated large arrays stop faulting pages in."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,14 @@ POOL_FAULTS = textwrap.dedent("""
         round()
     print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """)
+
+
+def run_fresh(code, *args):
+    """Run ``code`` in a fresh interpreter with glibc's default thresholds: without the MALLOC_* variables that
+    a library imported in this process may have set (dask's distributed sets ``MALLOC_TRIM_THRESHOLD_``)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                          env=env).stdout
 
 
 def address(a):
@@ -88,8 +97,7 @@ def test_products_do_not_fault_pages_in_with_glibcs_default_allocator():
     """Counted minor page faults, not time: a full-batch linearization of the digits MLP (arrays of 0.3 to 1.5 MB)
     and four quantities per round, in a fresh process with glibc's default thresholds (which, without the pool,
     fault about 1,800 pages back in per round here)."""
-    out = subprocess.run([sys.executable, "-c", POOL_FAULTS], capture_output=True, text=True, check=True).stdout
-    assert float(out) < 100
+    assert float(run_fresh(POOL_FAULTS)) < 100
 
 FAULTS = textwrap.dedent("""
     import resource, sys
@@ -111,8 +119,7 @@ FAULTS = textwrap.dedent("""
 def test_freed_temporaries_are_reused_without_page_faults():
     """Counted minor page faults, not time: 50 rounds of two 1.5 MB temporaries (360 pages each)."""
     def faults(mode):
-        return int(subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
-                                  check=True).stdout)
+        return int(run_fresh(FAULTS, mode))
     default, reuse = faults("default"), faults("reuse")
     assert default > 50 * 360  # glibc's default returns both blocks every round
     assert reuse < 0.02 * default

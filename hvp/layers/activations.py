@@ -23,7 +23,7 @@ from scipy.special import expit
 from .. import memory
 from .._checks import check_real
 
-BLOCK = 1 << 14  # entries per block of an elementwise evaluation (64 kB of float32)
+BLOCK_BYTES = 1 << 16  # bytes per block of an elementwise evaluation: below glibc's smallest mmap threshold
 
 
 def _is_zero(a):
@@ -31,17 +31,18 @@ def _is_zero(a):
 
 
 def _blockwise(fn, x, *more):
-    """``fn(x, *more)`` for arrays of x's shape, a block of ``BLOCK`` entries at a time, into a pooled array;
-    a scalar result (a constant derivative) is returned as it is."""
+    """``fn(x, *more)`` for arrays of x's shape, ``BLOCK_BYTES`` at a time, into a pooled array; a scalar result
+    (a constant derivative) is returned as it is."""
     flat = [np.reshape(a, -1) for a in (x, *more)]
-    first = fn(*(a[:BLOCK] for a in flat))
+    block = BLOCK_BYTES // x.itemsize
+    first = fn(*(a[:block] for a in flat))
     if np.ndim(first) == 0:
         return first
     out = memory.empty(x.shape, first.dtype)
     out_flat = out.reshape(-1)
-    out_flat[:BLOCK] = first
-    for start in range(BLOCK, out_flat.size, BLOCK):
-        out_flat[start:start + BLOCK] = fn(*(a[start:start + BLOCK] for a in flat))
+    out_flat[:block] = first
+    for start in range(block, out_flat.size, block):
+        out_flat[start:start + block] = fn(*(a[start:start + block] for a in flat))
     return out
 
 
