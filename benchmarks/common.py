@@ -74,14 +74,14 @@ def median_seconds(fns, repeats, clock=time.perf_counter):
 
 
 def add_memory_option(parser):
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (default: hvp.reuse_freed_memory())")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="call hvp.reuse_freed_memory() first (default: glibc's allocator as it is)")
 
 
 def apply_memory_option(args):
-    """Call ``hvp.reuse_freed_memory()`` unless ``--default-malloc``; a phrase for the header line."""
+    """Call ``hvp.reuse_freed_memory()`` if ``--reuse-freed-memory``; a phrase for the header line."""
     import hvp
 
-    if not args.default_malloc and hvp.reuse_freed_memory():
+    if args.reuse_freed_memory and hvp.reuse_freed_memory():
         return "freed memory reused (hvp.reuse_freed_memory)"
     return "default allocator"

@@ -23,7 +23,7 @@ calls each function once; medians):
 what tracemalloc saw during one call of hvp's function. Goals are checked at the end. PyTorch and BackPACK
 (``pip install --no-deps backpack-for-pytorch einops unfoldNd``) are optional.
 
-    python benchmarks/conv.py [--batch 128] [--repeats 20] [--threads 2] [--default-malloc] [--quick]
+    python benchmarks/conv.py [--batch 128] [--repeats 20] [--threads 2] [--reuse-freed-memory] [--quick]
 """
 
 import argparse

@@ -12,7 +12,7 @@ reimplementation of those two documented algorithms in torch runs instead and is
 so. Medians of interleaved repeats, measured side by side in this one run.
 
     python benchmarks/curvature.py [--repeats 3] [--threads 2] [--pyhessian package|reimplemented|none]
-        [--default-malloc]
+        [--reuse-freed-memory]
 """
 
 import argparse

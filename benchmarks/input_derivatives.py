@@ -7,7 +7,7 @@ tangents from ``torch.func.jvp`` (one per direction). Medians, all rows timed ro
 this one run. On a loaded machine use ``--threads 1 --cpu-time`` (CPU time of this process).
 
     python benchmarks/input_derivatives.py [--repeats 21] [--threads 2] [--dtype float64] [--cpu-time]
-        [--default-malloc]
+        [--reuse-freed-memory]
 """
 
 import argparse

@@ -10,7 +10,7 @@ of the ratio within a round, which a shared machine's drifting load skews least)
 memory allocated during one call (tracemalloc for hvp, torch's profiler for BackPACK). A last
 line checks that both libraries computed the same numbers.
 
-    python benchmarks/per_example.py [--repeats 15] [--threads 2] [--default-malloc]
+    python benchmarks/per_example.py [--repeats 15] [--threads 2] [--reuse-freed-memory]
 """
 
 import argparse

@@ -4,7 +4,7 @@ MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 a
 float64. Prints medians and ratios measured side by side in this one run; PyTorch and
 JAX rows appear when they are installed.
 
-    python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64] [--default-malloc]
+    python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64] [--reuse-freed-memory]
 """
 
 import argparse

@@ -92,7 +92,6 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=["Newton-CG", "K-FAC", "Adam", "SGD"])
     args = parser.parse_args(argv)
-    hvp.reuse_freed_memory()  # keep freed arrays for reuse: about 2× on full-batch products here
     if args.quick:
         args.n_train, args.n_test, args.budget = 2000, 1000, min(args.budget, 20.0)
 
