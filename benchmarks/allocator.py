@@ -26,7 +26,8 @@ import numpy as np
 
 QUANTITIES = ("gradient", "linearize", "linearize + hvp", "hvp", "ggnvp", "hvp (P, 8) block", "jvp", "vjp",
               "sum_grad_squared", "variance", "batch_l2", "diag_ggn", "diag_ggn_mc", "diag_hessian",
-              "kfac factors", "HessianOperator matvec", "trace (8 products)")
+              "kfac factors", "HessianOperator matvec", "trace (8 products)", "input_jvp (4 directions)",
+              "tangent_loss_and_grad (4)")
 
 
 def problem(name):
@@ -64,6 +65,8 @@ def quantity(name, net, theta, X, y):
     fresh = {"sum_grad_squared", "variance", "batch_l2", "diag_ggn", "diag_ggn_mc", "diag_hessian"}
     if name in fresh:  # timed with their linearization, as a BackPACK extension with its forward and backward
         return lambda: getattr(hvp.linearize(net, loss, theta, X, y), name)()
+    directions = rng.normal(size=(4,) + X.shape[1:]).astype(theta.dtype)  # 4 input directions shared by all rows
+    penalty = hvp.JacobianPenalty(loss, 0.1)
     halves = [(X[:len(y) // 2], y[:len(y) // 2]), (X[len(y) // 2:], y[len(y) // 2:])]
     op = hvp.HessianOperator(net, loss, theta, halves)
     return {
@@ -78,6 +81,8 @@ def quantity(name, net, theta, X, y):
         "kfac factors": lambda: hvp.linearize(net, loss, theta, X, y).kronecker_factors(),
         "HessianOperator matvec": lambda: op.matvec(v),
         "trace (8 products)": lambda: curvature.trace(op, num_matvecs=8, block_size=8),
+        "input_jvp (4 directions)": lambda: hvp.input_jvp(net, theta, X, directions),
+        "tangent_loss_and_grad (4)": lambda: hvp.tangent_loss_and_grad(net, penalty, theta, X, y, directions),
     }[name]
 
 

@@ -2,6 +2,7 @@
 
 import platform
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -71,6 +72,39 @@ def median_seconds(fns, repeats, clock=time.perf_counter):
             fn()
             times[key].append(clock() - start)
     return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def torch_peak_bytes(fn):
+    """Peak bytes allocated by torch during one call, from torch's profiler memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def numpy_peak_bytes(fn):
+    """Peak bytes allocated (numpy arrays included) during one call, from tracemalloc; hvp's pool of free buffers is
+    emptied first, so that every array the call needs is counted."""
+    from hvp import memory
+
+    memory.release_memory()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def jax_peak_bytes(jitted, *args):
+    """Temporary and output bytes of a jitted JAX function, from XLA's memory analysis of its compiled form."""
+    stats = jitted.lower(*args).compile().memory_analysis()
+    return stats.temp_size_in_bytes + stats.output_size_in_bytes
 
 
 def add_memory_option(parser):

@@ -16,7 +16,6 @@ line checks that both libraries computed the same numbers.
 import argparse
 import os
 import time
-import tracemalloc
 import warnings
 
 import common
@@ -84,29 +83,6 @@ def limit_blas_threads(threads):
         return False
     threadpool_limits(threads, user_api="blas")
     return True
-
-
-def torch_peak_bytes(fn):
-    """Peak bytes allocated by torch during one call, from torch's profiler memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
-
-
-def numpy_peak_bytes(fn):
-    """Peak bytes allocated (numpy arrays included) during one call, from tracemalloc."""
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def rounds(libraries, repeats, warmup=2):
@@ -178,8 +154,8 @@ def main():
     theirs = backpack_setup(net, theta, X, y, args.threads)
     theirs = theirs or {}
     t = rounds({"hvp": mine, "BackPACK": theirs}, args.repeats)
-    mem = {k: numpy_peak_bytes(f) for k, f in mine.items()}
-    their_mem = {k: torch_peak_bytes(f) for k, f in theirs.items()}
+    mem = {k: common.numpy_peak_bytes(f) for k, f in mine.items()}
+    their_mem = {k: common.torch_peak_bytes(f) for k, f in theirs.items()}
 
     def ms(key):
         return 1e3 * float(np.median(t[key]))

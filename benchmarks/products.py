@@ -2,7 +2,9 @@
 
 MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 and
 float64. Prints medians and ratios measured side by side in this one run; PyTorch and
-JAX rows appear when they are installed.
+JAX rows appear when they are installed. Then a block of 16 directions against one at
+batches 8, 32 and 256, and the peak memory of each product: tracemalloc for hvp (its pool
+of buffers emptied first), torch's profiler, XLA's memory analysis of the compiled function.
 
     python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64] [--reuse-freed-memory]
 """
@@ -36,12 +38,16 @@ def median_seconds(fns, repeats, rounds=5, warmup=3):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+BLOCK_BATCHES = (8, 32, 256)
+K = 16  # directions in a block
+
+
 def problem(dtype, seed=0):
     """The common problem, plus one direction v (P,) and a block V (P, 16)."""
     net, theta, X, y = common.problem(dtype, seed)
     rng = np.random.default_rng(seed + 1)
     v = rng.normal(size=net.num_params).astype(dtype)
-    V = rng.normal(size=(net.num_params, 16)).astype(dtype)
+    V = rng.normal(size=(net.num_params, K)).astype(dtype)
     return net, theta, X, y, v, V
 
 
@@ -53,11 +59,24 @@ def ours(dtype):
     pt = hvp.linearize(net, loss, theta, X, y)
     return {
         "gradient": lambda: hvp.loss_and_grad(net, loss, theta, X, y),
+        "linearize": lambda: hvp.linearize(net, loss, theta, X, y),
         "linearize + hvp (once)": lambda: hvp.linearize(net, loss, theta, X, y).hvp(v),
         "hvp (repeated)": lambda: pt.hvp(v),
         "ggnvp (repeated)": lambda: pt.ggnvp(v),
-        "hvp, (P, 16) block": lambda: pt.hvp(V),
     }
+
+
+def blocks(dtype):
+    """(batch, "one" or "block") -> one hvp, or one hvp of a (P, 16) block, at that batch."""
+    import hvp
+
+    net, theta, X, y, v, V = problem(dtype)
+    fns = {}
+    for B in BLOCK_BATCHES:
+        pt = hvp.linearize(net, hvp.CrossEntropyLoss(), theta, X[:B], y[:B])
+        fns[B, "one"] = lambda pt=pt: pt.hvp(v)
+        fns[B, "block"] = lambda pt=pt: pt.hvp(V)
+    return fns
 
 
 def torch_products(dtype, threads):
@@ -91,6 +110,7 @@ def torch_products(dtype, threads):
     g = torch.autograd.grad(loss_fn(), params, create_graph=True)
     return {
         "gradient": grad,
+        "linearize": lambda: torch.autograd.grad(loss_fn(), params, create_graph=True),
         "linearize + hvp (once)": hvp_once,
         "hvp (repeated)": lambda: torch.autograd.grad(g, params, vs, retain_graph=True),
     }
@@ -125,11 +145,15 @@ def jax_products(dtype):
     def block(fn):
         return lambda: jax.block_until_ready(fn())
 
-    return {
+    fns = {
         "gradient": block(lambda: grad(params)),
         "linearize + hvp (once)": block(lambda: hvp_once(params, vs)),
         "hvp (repeated)": block(lambda: hvp_lin(vs)),
     }
+    peaks = {"gradient": common.jax_peak_bytes(grad, params),
+             "linearize + hvp (once)": common.jax_peak_bytes(hvp_once, params, vs),
+             "hvp (repeated)": common.jax_peak_bytes(hvp_lin, vs)}
+    return fns, peaks
 
 
 def blas_kernel():
@@ -156,8 +180,10 @@ def main():
           f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, cross-entropy; medians of {args.repeats}")
     for name in args.dtypes:
         dtype = np.dtype(name).type
-        providers = {"hvp": ours(dtype), "PyTorch": torch_products(dtype, args.threads), "JAX": jax_products(dtype)}
+        jax_fns, jax_peaks = jax_products(dtype) or (None, {})
+        providers = {"hvp": ours(dtype), "PyTorch": torch_products(dtype, args.threads), "JAX": jax_fns}
         fns = {(who, key): fn for who, table in providers.items() if table for key, fn in table.items()}
+        fns.update({("blocks", key): fn for key, fn in blocks(dtype).items()})
         times = median_seconds(fns, args.repeats)
         ours_t = {key: t for (who, key), t in times.items() if who == "hvp"}
         peers = {who: {key: t for (w, key), t in times.items() if w == who}
@@ -169,11 +195,20 @@ def main():
         print(header)
         for key, t in ours_t.items():
             row = f"{key:<24}{1e3 * t:>9.2f}{t / ours_t['gradient']:>8.2f}"
-            for times in peers.values():
-                row += f"{1e3 * times[key]:>13.2f}{t / times[key]:>14.2f}" if key in times else f"{'':>27}"
+            for peer in peers.values():
+                row += f"{1e3 * peer[key]:>13.2f}{t / peer[key]:>14.2f}" if key in peer else f"{'':>27}"
             print(row)
-        block = ours_t["hvp, (P, 16) block"] / ours_t["hvp (repeated)"]
-        print(f"(P, 16) block ÷ one column: {block:.2f}")
+        print(f"\n{'batch':<8}{'one hvp ms':>12}{f'(P, {K}) block ms':>19}{'÷ one':>8}{'÷ one per direction':>21}")
+        for B in BLOCK_BATCHES:
+            one, block = times["blocks", (B, "one")], times["blocks", (B, "block")]
+            print(f"{B:<8}{1e3 * one:>12.3f}{1e3 * block:>19.2f}{block / one:>8.1f}{block / one / K:>21.2f}")
+        print(f"\npeak memory of one call, MB{'':<5}{'hvp':>8}{'PyTorch':>10}{'JAX':>8}")
+        torch_fns = providers["PyTorch"] or {}
+        for key, fn in providers["hvp"].items():
+            row = f"{key:<32}{common.numpy_peak_bytes(fn) / 2**20:>8.1f}"
+            row += f"{common.torch_peak_bytes(torch_fns[key]) / 2**20:>10.1f}" if key in torch_fns else f"{'':>10}"
+            row += f"{jax_peaks[key] / 2**20:>8.1f}" if key in jax_peaks else ""
+            print(row)
 
 
 if __name__ == "__main__":
