@@ -33,7 +33,7 @@ import warnings
 
 import common
 import numpy as np
-from per_example import limit_blas_threads, numpy_peak_bytes
+from per_example import limit_blas_threads
 from products import blas_kernel
 
 import hvp
@@ -241,7 +241,7 @@ def bench(label, make, shape, rows, args, have_torch):
         failed.update({("BackPACK", k): reason for k, reason in why.items()})
     fns = {(who, key): fn for who, table in providers.items() for key, fn in table.items()}
     times = common.median_seconds(fns, args.repeats)
-    mem = {key: numpy_peak_bytes(fn) for key, fn in mine.items()}
+    mem = {key: common.numpy_peak_bytes(fn) for key, fn in mine.items()}
     t = {who: {key: times[who, key] for key in table} for who, table in providers.items()}
     ours_t = t["hvp"]
 
