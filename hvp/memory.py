@@ -7,13 +7,17 @@ a few hundred rows this costs more than the arithmetic: ``1 - y*y`` on a (1437, 
 float64 array takes 1.2 ms fresh and 0.05 ms with its memory kept, and a gradient of the
 digits MLP of ``benchmarks/optimizers.py`` on its 1,437 rows falls from 6.7 ms to 3.7 ms.
 
-hvp therefore takes its large arrays (θ's copy, gradients, products, the arrays a linearization keeps)
-from :func:`empty`, a pool of buffers that are handed out again once nothing refers to them any more:
-an array the caller keeps is never reused, one the caller drops is reused by the next call of the
-same size. The pool keeps at most ``POOL_BYTES`` of free buffers; :func:`release_memory` empties it.
+hvp therefore takes its large arrays (θ's copy, gradients, products, the arrays a linearization keeps,
+layer outputs, tangents and adjoints) from :func:`empty` (and :func:`zeros`, :func:`copy`,
+:func:`matmul`, :func:`multiply`), a pool of buffers handed out again once nothing refers to them:
+the pool's own reference is then the only one (a view refers to its buffer through numpy's
+``base``). An array the caller keeps is never reused; one the caller drops is reused by the next
+call that needs an array of that size and dtype. The pool keeps at most ``POOL_BYTES`` of free
+buffers; :func:`release_memory` hands them back.
 
 :func:`reuse_freed_memory` instead raises glibc's two thresholds (``mallopt``) so that every freed
-block, numpy's temporaries included, stays in the heap. It changes the whole process, which is why
+block, numpy's temporaries included, stays in the heap. hvp no longer needs it
+(``benchmarks/allocator.py``); it helps code outside hvp, changes the whole process, which is why
 it is a call and not a side effect of ``import hvp``. The same holds from the shell with
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``.
 """
