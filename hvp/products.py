@@ -35,9 +35,9 @@ def _prepare(net, loss, theta, X, y, l2):
 
 
 def _backward(net, params, caches, DO):
-    """Rule 2 from the outputs to θ: gradient (P,) for DO (B, C), or (k, P) for DO (k, B, C)."""
-    grad = memory.empty(DO.shape[:-2] + (net.num_params,), DO.dtype)
-    views = net.unflatten(grad)
+    """Rule 2 from the outputs to θ: gradient (P,) for DO (B, C), or columns (P, k) for DO (k, B, C)."""
+    grad = memory.empty((net.num_params,) + DO.shape[:-2], DO.dtype)
+    views = net.unflatten(grad) if DO.ndim == 2 else net.unflatten_columns(grad)
     for i in reversed(range(len(net.layers))):
         layer, p, cache = net.layers[i], params[i], caches[i]
         layer.backward_params(p, cache, DO, out=views[i])
@@ -54,16 +54,6 @@ def _adjoints(net, params, caches, DO):
         if i > 0:
             DO = net.layers[i].backward_input(params[i], caches[i], DO)
     return adjoints
-
-
-def _transpose(a, rows=4096):
-    """C-contiguous ``a.T`` for a (P, k) array, copied in cache-sized pieces (2x faster than numpy's)."""
-    if a.T.flags.c_contiguous:
-        return a.T
-    out = memory.empty(a.shape[::-1], a.dtype)
-    for start in range(0, a.shape[0], rows):
-        out[:, start:start + rows] = a[start:start + rows].T
-    return out
 
 
 def loss_and_grad(net, loss, theta, X, y, l2=0.0):
@@ -150,14 +140,14 @@ class Linearization:
 
     # -- directions ---------------------------------------------------------
 
-    def _rows(self, v):
-        """v (P,) or (P, k) as k contiguous rows (k, P) in θ's dtype, and whether it was 1-D."""
+    def _columns(self, v):
+        """v (P,) or (P, k) as C-contiguous columns (P, k) in θ's dtype, and whether it was 1-D."""
         v = check_direction("v", v, self.net.num_params, self.theta.dtype)
-        return (v[None] if v.ndim == 1 else _transpose(v)), v.ndim == 1
+        return (v[:, None] if v.ndim == 1 else np.ascontiguousarray(v)), v.ndim == 1
 
     def _tangents(self, V):
-        """Rule 3 through the network for rows V (k, P): each layer's input tangent, output tangent (k, B, C)."""
-        dps = self.net.unflatten(V)
+        """Rule 3 through the network for columns V (P, k): each layer's input tangent, output tangent (k, B, C)."""
+        dps = self.net.unflatten_columns(V)
         inputs, dI = [], None
         for layer, p, cache, dp in zip(self.net.layers, self.params, self.caches, dps):
             inputs.append(dI)
@@ -165,11 +155,11 @@ class Linearization:
         return dps, inputs, dI
 
     def _curvature_product(self, v, exact):
-        V, was_vector = self._rows(v)
+        V, was_vector = self._columns(v)
         dps, tangent_inputs, dO = self._tangents(V)
         RDO = self.loss_fn.hessian_vp(self.loss_cache, dO)
         out = memory.empty(V.shape, V.dtype)
-        views = self.net.unflatten(out)
+        views = self.net.unflatten_columns(out)
         for i in reversed(range(len(self.net.layers))):
             layer, p, cache = self.net.layers[i], self.params[i], self.caches[i]
             layer.backward_params(p, cache, RDO, out=views[i])
@@ -183,8 +173,8 @@ class Linearization:
                 RDO = layer.backward_input(p, cache, RDO)
                 if DI_cross is not None:
                     RDO += DI_cross
-        add_l2(out, V, self.weight_mask, self.l2, axis=1)
-        return out[0] if was_vector else out.T
+        add_l2(out, V, self.weight_mask, self.l2)
+        return out[:, 0] if was_vector else out
 
     # -- products -----------------------------------------------------------
 
@@ -220,10 +210,10 @@ class Linearization:
         -------
         ndarray, shape (B, C) for v (P,), (B, k, C) for v (P, k)
         """
-        V, was_vector = self._rows(v)
+        V, was_vector = self._columns(v)
         dO = self._tangents(V)[2]
         if dO is None:  # no parameter lies before any layer that passes a tangent on
-            dO = np.zeros((V.shape[0],) + self.outputs.shape, dtype=V.dtype)
+            dO = np.zeros((V.shape[1],) + self.outputs.shape, dtype=V.dtype)
         return dO[0] if was_vector else np.ascontiguousarray(dO.transpose(1, 0, 2))
 
     def vjp(self, u):
@@ -244,7 +234,7 @@ class Linearization:
         check_finite("u", u)
         if u.ndim == 2:
             return _backward(self.net, self.params, self.caches, u)
-        return _backward(self.net, self.params, self.caches, np.ascontiguousarray(u.transpose(1, 0, 2))).T
+        return _backward(self.net, self.params, self.caches, np.ascontiguousarray(u.transpose(1, 0, 2)))
 
     def ggn_quadratic(self, V):
         """``Vᵀ G V`` (k, k) in float64, G the matrix :meth:`ggnvp` multiplies by (L2 term included).
@@ -260,14 +250,14 @@ class Linearization:
         -------
         ndarray, shape (k, k), float64, symmetric
         """
-        V, _ = self._rows(V)  # (k, P)
+        V, _ = self._columns(V)  # (P, k)
         dO = self._tangents(V)[2]
-        out = np.zeros((V.shape[0],) * 2)
+        out = np.zeros((V.shape[1],) * 2)
         if dO is not None:
             out += np.einsum("kbc,lbc->kl", dO, self.loss_fn.hessian_vp(self.loss_cache, dO), dtype=np.float64)
         if self.l2:
-            W = V[:, self.weight_mask].astype(np.float64)  # sums of P squares overflow float32
-            out += self.l2 * (W @ W.T)
+            W = V[self.weight_mask].astype(np.float64)  # sums of P squares overflow float32
+            out += self.l2 * (W.T @ W)
         return 0.5 * (out + out.T)
 
     def loss_at(self, theta):

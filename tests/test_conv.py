@@ -250,9 +250,10 @@ class ConvCase:
         return {"weight": self.W, "bias": self.b} if self.bias else {"weight": self.W}
 
     def dp(self, ks=slice(None)):
-        d = {"weight": self.dW[ks]}
+        """Parameter directions as the layer contract takes them: columns, weight (O, C/G, *kernel, k), bias (O, k)."""
+        d = {"weight": np.moveaxis(self.dW[ks], 0, -1)}
         if self.bias:
-            d["bias"] = self.db[ks]
+            d["bias"] = self.db[ks].T
         return d
 
     # dense Jacobians by finite differences of the reference, cached per case
@@ -322,8 +323,8 @@ POOL_IDS = list(POOL_CASES)
 
 def _directions(case, dI, dp, k=K):
     """The first k tangent directions as argument triples (İ_j, Ẇ_j, ḃ_j) of a ConvCase's reference."""
-    return [(None if dI is None else dI[j], None if dp is None else dp["weight"][j],
-             None if dp is None or not case.bias else dp["bias"][j]) for j in range(k)]
+    return [(None if dI is None else dI[j], None if dp is None else dp["weight"][..., j],
+             None if dp is None or not case.bias else dp["bias"][..., j]) for j in range(k)]
 
 
 @pytest.fixture(params=["default_chunks", "one_example_per_chunk"])
@@ -479,18 +480,20 @@ def test_conv_backward_with_direction_axis(case_id, chunking):
     _, cache = c.layer.forward(c.p, c.X)
     DI = c.layer.backward_input(c.p, cache, c.DO)
     grads = c.layer.backward_params(c.p, cache, c.DO)
-    assert DI.shape == (K,) + c.X.shape and grads["weight"].shape == (K,) + c.W.shape
+    assert DI.shape == (K,) + c.X.shape and grads["weight"].shape == c.W.shape + (K,)  # parameters as columns
     for j in range(K):
         one = c.layer.backward_params(c.p, cache, c.DO[j])
         np.testing.assert_allclose(DI[j], c.layer.backward_input(c.p, cache, c.DO[j]), rtol=1e-12,
                                    atol=1e-13 * _scale(DI))
         assert_close(DI[j], adjoint(c.J_input, c.DO[j], c.X.shape))
-        assert_close(grads["weight"][j], adjoint(c.J_weight, c.DO[j], c.W.shape))
-        np.testing.assert_allclose(grads["weight"][j], one["weight"], rtol=1e-12, atol=1e-13 * _scale(one["weight"]))
+        assert_close(grads["weight"][..., j], adjoint(c.J_weight, c.DO[j], c.W.shape))
+        np.testing.assert_allclose(grads["weight"][..., j], one["weight"], rtol=1e-12,
+                                   atol=1e-13 * _scale(one["weight"]))
         if c.bias:
-            assert grads["bias"].shape == (K,) + c.b.shape
-            assert_close(grads["bias"][j], adjoint(c.J_bias, c.DO[j], c.b.shape))
-            np.testing.assert_allclose(grads["bias"][j], one["bias"], rtol=1e-12, atol=1e-13 * _scale(one["bias"]))
+            assert grads["bias"].shape == c.b.shape + (K,)
+            assert_close(grads["bias"][..., j], adjoint(c.J_bias, c.DO[j], c.b.shape))
+            np.testing.assert_allclose(grads["bias"][..., j], one["bias"], rtol=1e-12,
+                                       atol=1e-13 * _scale(one["bias"]))
 
 
 @pytest.mark.parametrize("case_id", POOL_IDS)
@@ -532,7 +535,7 @@ def test_conv_tangent_backward_matches_fd(case_id, which, dod, summed, chunking)
     else:
         assert set(grads) == {"weight"}  # the bias has no cross term
         want = [adjoint(c.J_weight_at_input(j), DODs[j], c.W.shape) for j in range(K)]
-        assert_close(grads["weight"], sum(want) if summed else np.stack(want))
+        assert_close(grads["weight"], sum(want) if summed else np.stack(want, axis=-1))
 
 
 @pytest.mark.parametrize("summed", [False, True], ids=["per_direction", "summed"])
@@ -546,7 +549,7 @@ def test_conv_tangent_backward_shared_input_tangent(case_id, dod, summed, chunki
     DI, grads = c.layer.tangent_backward(c.p, cache, c.dX_shared, None, DOD, summed=summed)
     assert DI is None
     want = [adjoint(c.J_weight_at_input(j, shared=True), DODs[j], c.W.shape) for j in range(K)]
-    assert_close(grads["weight"], sum(want) if summed else np.stack(want))
+    assert_close(grads["weight"], sum(want) if summed else np.stack(want, axis=-1))
     full = np.ascontiguousarray(np.broadcast_to(c.dX_shared, (K,) + c.X.shape))
     _, grads_full = c.layer.tangent_backward(c.p, cache, full, None, DOD, summed=summed)
     np.testing.assert_allclose(grads["weight"], grads_full["weight"], rtol=1e-12, atol=1e-12 * _scale(want[0]))
@@ -964,14 +967,16 @@ def test_inputs_are_not_modified(name):
 @pytest.mark.parametrize("case_id", ["2d_in4_out6_g2_p1", "1d_in4_out6_k2_s2_p1_d2_g2"])
 def test_conv_layer_rules_do_not_modify_their_arguments(case_id):
     c = conv_case(case_id)
-    X, W, b, dX, dW, DO = (np.array(a) for a in (c.X, c.W, c.b if c.bias else 0.0, c.dX, c.dW, c.DO))
+    X, W, b, dX, DO = (np.array(a) for a in (c.X, c.W, c.b if c.bias else 0.0, c.dX, c.DO))
     p = {"weight": W, "bias": b}
-    dp = {"weight": dW, "bias": np.array(c.db)}
+    dp = {name: np.array(a) for name, a in c.dp().items()}
+    dW, db = dp["weight"], dp.get("bias", np.array(0.0))
     _, cache = c.layer.forward(p, X)
     c.layer.backward_input(p, cache, DO)
     c.layer.backward_params(p, cache, DO)
     c.layer.tangent(p, cache, dX, dp)
     c.layer.tangent_backward(p, cache, dX, dp, DO, summed=True)
     c.layer.tangent_backward(p, cache, dX, dp, DO[0])
-    for a, want in ((X, c.X), (W, c.W), (b, c.b), (dX, c.dX), (dW, c.dW), (dp["bias"], c.db), (DO, c.DO)):
+    for a, want in ((X, c.X), (W, c.W), (b, c.b if c.bias else 0.0), (dX, c.dX), (dW, np.moveaxis(c.dW, 0, -1)),
+                    (db, c.db.T if c.bias else 0.0), (DO, c.DO)):
         np.testing.assert_array_equal(a, want)

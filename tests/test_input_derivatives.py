@@ -458,7 +458,7 @@ def test_summed_cross_terms_are_sums_of_per_direction_terms(layer, shared_DOD):
     m = layer.in_features if isinstance(layer, hvp.Linear) else 4
     n = layer.out_shape((m,))[0]
     net_params = {name: rng.standard_normal(s) for name, s in layer.param_shapes()}
-    dp = {name: rng.standard_normal((k,) + s) for name, s in layer.param_shapes()} or None
+    dp = {name: rng.standard_normal(s + (k,)) for name, s in layer.param_shapes()} or None  # directions as columns
     _, cache = layer.forward(net_params, rng.standard_normal((B, m)))
     dI = rng.standard_normal((k, B, m))
     DOD = rng.standard_normal((B, n) if shared_DOD else (k, B, n))
@@ -467,7 +467,7 @@ def test_summed_cross_terms_are_sums_of_per_direction_terms(layer, shared_DOD):
     assert_close(DI, DI_k.sum(axis=0), rtol=1e-12, atol=1e-14)
     assert set(grads or {}) == set(grads_k or {})
     for name in grads or {}:
-        assert_close(grads[name], grads_k[name].sum(axis=0), rtol=1e-12, atol=1e-14)
+        assert_close(grads[name], grads_k[name].sum(axis=-1), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("summed", [False, True], ids=["per-direction", "summed"])

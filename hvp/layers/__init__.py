@@ -5,10 +5,13 @@ Conv2d), :mod:`~hvp.layers.pooling` (max and average pooling, Flatten),
 :mod:`~hvp.layers.activations` (elementwise), :mod:`~hvp.layers.composition` (Sequential,
 Residual); :mod:`~hvp.layers.windows` holds the sliding windows that convolutions and pooling share.
 
-Arrays are batch first; a block of k directions adds a leading axis k, so that each
-direction is one ordinary batch and k directions cost k matrix products of full size (or
-one, where the k axis folds into the batch). A layer maps per-example inputs of one shape to
-outputs of another, ``out_shape(in_shape)`` (a ValueError saying what it needs when the
+Arrays are batch first; a block of k directions adds a leading axis k to tangents and
+adjoints, so that each direction is one ordinary batch and k directions cost k matrix products
+of full size (or one, where the k axis folds into the batch). Directions in parameter space,
+and the per-direction parameter adjoints, are columns instead: ``(*shape, k)``, the rows of the
+(P, k) block the user passes, so that a Linear layer's ``I [Ẇ_1 … Ẇ_k]`` and ``Iᵀ [DO_1 … DO_k]``
+are one matrix product each and the block is never transposed as a whole. A layer maps per-example
+inputs of one shape to outputs of another, ``out_shape(in_shape)`` (a ValueError saying what it needs when the
 input does not fit). Written below for a Linear layer, inputs (B, m) and outputs (B, n); other
 layers replace ``m`` and ``n`` by their per-example shapes:
 
@@ -18,10 +21,10 @@ rule                  method                                       shapes
 1 forward             ``forward(p, I) -> (O, cache)``              I (B, m) -> O (B, n)
 2 backward            ``backward_input(p, cache, DO) -> DI``       DO (..., B, n) -> DI (..., B, m)
                       ``backward_params(p, cache, DO[, out])``     DO (B, n) -> dict like ``p``;
-                                                                   DO (k, B, n) -> (k, *shape) per direction
-3 tangent             ``tangent(p, cache, dI, dp) -> dO``          dI (k, B, m), dp {name: (k, *shape)} -> (k, B, n)
+                                                                   DO (k, B, n) -> (*shape, k) per direction
+3 tangent             ``tangent(p, cache, dI, dp) -> dO``          dI (k, B, m), dp {name: (*shape, k)} -> (k, B, n)
 4 tangent backward    ``tangent_backward(p, cache, dI, dp, DOD,    DOD (B, n) or (k, B, n) -> DI_k (k, B, m)
-                      need_input, summed=False)                    and {name: (k, *shape)};
+                      need_input, summed=False)                    and {name: (*shape, k)};
                       -> (DI_k, grads_k)``                         ``summed``: DI (B, m), {name: shape}
 ====================  ===========================================  ==========================================
 

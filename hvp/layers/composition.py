@@ -142,6 +142,23 @@ class Sequential:
         return [{name: theta[..., start:stop].reshape(leading + shape) for name, start, stop, shape in entries}
                 for entries in self._slices]
 
+    def unflatten_columns(self, V):
+        """Named views into the columns of V (P, k), k directions in parameter space: ``(*shape, k)`` per
+        parameter, each a C-contiguous block of V's rows (the layout of a block of directions in the layer
+        contract, :mod:`hvp.layers`).
+
+        Parameters
+        ----------
+        V : ndarray, shape (num_params, k), C-contiguous
+
+        Returns
+        -------
+        list of dict
+        """
+        k = V.shape[1]
+        return [{name: V[start:stop].reshape(shape + (k,)) for name, start, stop, shape in entries}
+                for entries in self._slices]
+
     def weight_mask(self):
         """Boolean (num_params,): True on weight-matrix entries (where the L2 penalty acts)."""
         mask = np.zeros(self.num_params, dtype=bool)

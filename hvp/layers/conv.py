@@ -115,30 +115,33 @@ class _Conv(PatchProducts):
 
     def backward_params(self, p, cache, DO, out=None):
         """Rule 2: ``DW = Σ_n DO_n U_nᵀ``, ``Db = Σ DO``; DO (B, O, …) -> weight (O, C/G, *kernel), or per direction
-        for DO (k, B, O, …) -> (k, O, C/G, *kernel)."""
+        for DO (k, B, O, …) -> columns (O, C/G, *kernel, k)."""
         out = {} if out is None else out
         per_direction = DO.ndim == 3 + self.spatial
         W = self._correlate(DO if per_direction else DO[None], cache["P"][None], cache["geo"])
-        W = W if per_direction else W[0]
-        if out.get("weight") is None:
-            out["weight"] = W
-        else:
-            out["weight"][...] = W
+        grads = {"weight": np.moveaxis(W, 0, -1) if per_direction else W[0]}
         if self.bias:
-            out["bias"] = np.sum(self._bias_grads(DO), axis=-2, out=out.get("bias"))
+            b = np.sum(self._bias_grads(DO), axis=-2)
+            grads["bias"] = b.T if per_direction else b
+        for name, g in grads.items():
+            if out.get(name) is None:
+                out[name] = g
+            else:
+                out[name][...] = g
         return out
 
     def tangent(self, p, cache, dI, dp):
-        """Rule 3: ``Ȯ_k = conv(İ_k, W) + conv(I, Ẇ_k) + ḃ_k``; dI (k, B or 1, C, …) -> dO (k, B, O, …)."""
+        """Rule 3: ``Ȯ_k = conv(İ_k, W) + conv(I, Ẇ_k) + ḃ_k``; dI (k, B or 1, C, …), Ẇ (O, C/G, *kernel, k)
+        -> dO (k, B, O, …)."""
         geo, dO = cache["geo"], None
         if dI is not None:
             P = self._padded(dI.reshape((-1,) + dI.shape[2:]), geo)
             dO = self._apply(p["weight"][None], P[None], geo)[0]
             dO = dO.reshape(dI.shape[:2] + dO.shape[1:])
         if dp is not None:
-            from_params = self._apply(dp["weight"], cache["P"][None], geo)  # (k, B, O, …)
+            from_params = self._apply(np.moveaxis(dp["weight"], -1, 0), cache["P"][None], geo)  # (k, B, O, …)
             if self.bias:
-                from_params += dp["bias"].reshape(dp["bias"].shape + (1,) * self.spatial)[:, None]
+                from_params += dp["bias"].T.reshape(dp["bias"].shape[::-1] + (1,) * self.spatial)[:, None]
             dO = from_params if dO is None else dO + from_params
         return dO
 
@@ -146,12 +149,13 @@ class _Conv(PatchProducts):
         """Rule 4 cross terms: ``DI_k = fold(Ẇ_kᵀ DOD)``, ``DW_k = Σ_n DOD_n unfold(İ_k,n)ᵀ``; DOD (B, O, …) or
         (k, B, O, …).
 
-        Returns DI_k (k, B, C, …) and ``{"weight": (k, O, C/G, *kernel)}``; with ``summed`` their sums over k.
+        Ẇ as columns (O, C/G, *kernel, k). Returns DI_k (k, B, C, …) and ``{"weight": (O, C/G, *kernel, k)}``; with
+        ``summed`` their sums over k.
         """
         DI = grads = None
         geo, B, shared_dod = cache["geo"], cache["shape"][0], DOD.ndim == 2 + self.spatial
         if dp is not None and need_input:
-            DI = self._adjoint(dp["weight"], DOD[None] if shared_dod else DOD, geo, summed)
+            DI = self._adjoint(np.moveaxis(dp["weight"], -1, 0), DOD[None] if shared_dod else DOD, geo, summed)
             if not summed:
                 DI = DI.reshape((-1,) + tuple(cache["shape"]))
         if dI is not None:
@@ -165,7 +169,7 @@ class _Conv(PatchProducts):
             if summed and not shared_dod:
                 DOD, P = DOD.reshape((1, -1) + DOD.shape[2:]), P.reshape((1, -1) + P.shape[2:])
             W = self._correlate(DOD, P, geo)
-            grads = {"weight": W[0] if summed else W}
+            grads = {"weight": W[0] if summed else np.moveaxis(W, 0, -1)}
         return DI, grads
 
     # -- per-example pieces (hvp.per_example) ------------------------------------------------------

@@ -77,23 +77,40 @@ class Linear:
     def backward_params(self, p, I, DO, out=None):
         """Rule 2: ``DW = Iᵀ DO``, ``Db = Σ_b DO``, written into ``out`` if given.
 
-        DO (B, n) gives weight (m, n) and bias (n,); DO (k, B, n) gives one
-        gradient per direction, weight (k, m, n) and bias (k, n).
+        DO (B, n) gives weight (m, n) and bias (n,); DO (k, B, n) gives one gradient per direction, as
+        columns: weight (m, n, k) = ``Iᵀ [DO_1 … DO_k]`` in one matrix product, bias (n, k).
         """
         out = {} if out is None else out
-        out["weight"] = np.matmul(I.T, DO, out=out.get("weight"))
+        if DO.ndim == 2:
+            out["weight"] = np.matmul(I.T, DO, out=out.get("weight"))
+            if self.bias:
+                out["bias"] = np.sum(DO, axis=0, out=out.get("bias"))
+            return out
+        (k, B, n), m = DO.shape, self.in_features
+        weight = out.get("weight")
+        weight = memory.empty((m, n, k), DO.dtype) if weight is None else weight
+        np.matmul(I.T, k_last(DO).reshape(B, n * k), out=weight.reshape(m, n * k))
+        out["weight"] = weight
         if self.bias:
-            out["bias"] = np.sum(DO, axis=-2, out=out.get("bias"))
+            bias = np.sum(DO, axis=1).T
+            if out.get("bias") is None:
+                out["bias"] = bias
+            else:
+                out["bias"][...] = bias
         return out
 
     def tangent(self, p, I, dI, dp):
-        """Rule 3: ``Ȯ_k = İ_k W + I Ẇ_k + ḃ_k``; dI (k, B, m), Ẇ (k, m, n) -> dO (k, B, n)."""
+        """Rule 3: ``Ȯ_k = İ_k W + I Ẇ_k + ḃ_k``; dI (k, B, m), Ẇ (m, n, k) -> dO (k, B, n).
+
+        ``I [Ẇ_1 … Ẇ_k]`` is one matrix product on the columns as they come."""
         W = p["weight"]
-        dO = None if dI is None else memory.matmul(dI.reshape(-1, W.shape[0]), W).reshape(dI.shape[:-1] + (W.shape[1],))
+        m, n = W.shape
+        dO = None if dI is None else memory.matmul(dI.reshape(-1, m), W).reshape(dI.shape[:-1] + (n,))
         if dp is not None:
-            from_params = memory.matmul(I, dp["weight"])
+            k = dp["weight"].shape[-1]
+            from_params = k_first(memory.matmul(I, dp["weight"].reshape(m, n * k)).reshape(-1, n, k))
             if self.bias:
-                from_params += dp["bias"][:, None, :]
+                from_params += dp["bias"].T[:, None, :]
             if dO is None:
                 dO = from_params
             else:
@@ -165,28 +182,38 @@ class Linear:
         return norms + DO_norms if self.bias else norms
 
     def tangent_backward(self, p, I, dI, dp, DOD, need_input=True, summed=False):
-        """Rule 4 cross terms: ``DI_k = DOD Ẇ_kᵀ``, ``DW_k = İ_kᵀ DOD``; DOD (B, n) or (k, B, n).
+        """Rule 4 cross terms: ``DI_k = DOD Ẇ_kᵀ``, ``DW_k = İ_kᵀ DOD``; DOD (B, n) or (k, B, n), Ẇ (m, n, k).
 
         Returns DI_k (k, B, m) (None when zero or not ``need_input``) and
-        ``{"weight": (k, m, n)}`` (None when İ is zero; the bias has no cross term).
+        ``{"weight": (m, n, k)}`` (None when İ is zero; the bias has no cross term).
         With ``summed``: ``DI = Σ_k DOD_k Ẇ_kᵀ`` (B, m) and ``{"weight": Σ_k İ_kᵀ DOD_k}`` (m, n),
         the k axis folded into the batch for one matmul.
         """
         DI = grads = None
         if dp is not None and need_input:
-            DI = memory.matmul(DOD, dp["weight"].transpose(0, 2, 1))
+            DI = memory.matmul(DOD, k_first(dp["weight"]).transpose(0, 2, 1))
             if summed:
                 DI = DI.sum(axis=0)
         if dI is not None:
             if dI.shape[-2] == 1 and DOD.shape[-2] != 1:  # a tangent shared by all examples
                 DOD = DOD.sum(axis=-2, keepdims=True)
             if not summed:
-                grads = {"weight": memory.matmul(dI.transpose(0, 2, 1), DOD)}
+                grads = {"weight": np.moveaxis(memory.matmul(dI.transpose(0, 2, 1), DOD), 0, -1)}
             elif DOD.ndim == 2:
                 grads = {"weight": dI.sum(axis=0).T @ DOD}
             else:
                 grads = {"weight": dI.reshape(-1, dI.shape[-1]).T @ DOD.reshape(-1, DOD.shape[-1])}
         return DI, grads
+
+
+def k_first(a):
+    """A C-contiguous copy (k, …) of an array (…, k) from the pool; a reshape for k = 1."""
+    return memory.copy(np.moveaxis(a, -1, 0)) if a.shape[-1] > 1 else a.reshape((1,) + a.shape[:-1])
+
+
+def k_last(a):
+    """A C-contiguous copy (…, k) of an array (k, …) from the pool; a reshape for k = 1."""
+    return memory.copy(np.moveaxis(a, 0, -1)) if a.shape[0] > 1 else a.reshape(a.shape[1:] + (1,))
 
 
 def _sum_squared_outer_sums(A, C):
