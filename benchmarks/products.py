@@ -2,7 +2,8 @@
 
 MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 and
 float64. Prints medians and ratios measured side by side in this one run; PyTorch and
-JAX rows appear when they are installed. Then a block of 16 directions against one at
+JAX rows appear when they are installed. Then a block of 16 directions against its columns
+one by one (16 different vectors) and against 16 times one product (one vector, warm in cache) at
 batches 8, 32 and 256, and the peak memory of each product: tracemalloc for hvp (its pool
 of buffers emptied first), torch's profiler, XLA's memory analysis of the compiled function.
 
@@ -67,14 +68,17 @@ def ours(dtype):
 
 
 def blocks(dtype):
-    """(batch, "one" or "block") -> one hvp, or one hvp of a (P, 16) block, at that batch."""
+    """(batch, what) -> at that batch one hvp ("one"), 16 hvps of V's columns one by one ("loop"), or one hvp
+    of the block V (P, 16) ("block")."""
     import hvp
 
     net, theta, X, y, v, V = problem(dtype)
+    columns = [np.ascontiguousarray(V[:, j]) for j in range(K)]
     fns = {}
     for B in BLOCK_BATCHES:
         pt = hvp.linearize(net, hvp.CrossEntropyLoss(), theta, X[:B], y[:B])
         fns[B, "one"] = lambda pt=pt: pt.hvp(v)
+        fns[B, "loop"] = lambda pt=pt: [pt.hvp(c) for c in columns]
         fns[B, "block"] = lambda pt=pt: pt.hvp(V)
     return fns
 
@@ -198,10 +202,12 @@ def main():
             for peer in peers.values():
                 row += f"{1e3 * peer[key]:>13.2f}{t / peer[key]:>14.2f}" if key in peer else f"{'':>27}"
             print(row)
-        print(f"\n{'batch':<8}{'one hvp ms':>12}{f'(P, {K}) block ms':>19}{'÷ one':>8}{'÷ one per direction':>21}")
+        print(f"\n{'batch':<8}{'one hvp ms':>12}{f'{K} columns one by one ms':>26}{f'(P, {K}) block ms':>19}"
+              f"{'block ÷ columns':>17}{f'block ÷ ({K} × one)':>20}")
         for B in BLOCK_BATCHES:
-            one, block = times["blocks", (B, "one")], times["blocks", (B, "block")]
-            print(f"{B:<8}{1e3 * one:>12.3f}{1e3 * block:>19.2f}{block / one:>8.1f}{block / one / K:>21.2f}")
+            one, loop, block = (times["blocks", (B, what)] for what in ("one", "loop", "block"))
+            print(f"{B:<8}{1e3 * one:>12.3f}{1e3 * loop:>26.2f}{1e3 * block:>19.2f}{block / loop:>17.2f}"
+                  f"{block / one / K:>20.2f}")
         print(f"\npeak memory of one call, MB{'':<5}{'hvp':>8}{'PyTorch':>10}{'JAX':>8}")
         torch_fns = providers["PyTorch"] or {}
         for key, fn in providers["hvp"].items():
