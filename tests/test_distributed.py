@@ -282,6 +282,29 @@ def test_worker_lost_mid_product_is_recomputed():
     _close(got, want, rtol=1e-11)
 
 
+@pytest.mark.parametrize("how", ["loader", "batches"])
+def test_products_cancelled_in_flight_are_submitted_again(client, problem, how, monkeypatch):
+    """A worker's loss may cancel the tasks in flight (dask: "lost dependencies", "already forgotten"): θ is sent
+    again, the shards linearized again and the product submitted once more, with the same result."""
+    from distributed.client import FutureCancelledError
+
+    data = shards_of(client, problem, how)
+    A = hd.HessianOperator(problem.net, problem.loss, problem.theta, data, l2=0.3)
+    B = hvp.HessianOperator(problem.net, problem.loss, problem.theta, (problem.X, problem.y), l2=0.3)
+    V = np.random.default_rng(5).standard_normal((problem.P, 2))
+    gather, calls = client.gather, []
+
+    def cancel_the_first(futures):
+        calls.append(len(futures))
+        if len(calls) == 1:
+            raise FutureCancelledError("_group_sum-0", reason="lost dependencies")
+        return gather(futures)
+
+    monkeypatch.setattr(client, "gather", cancel_the_first)
+    _close(A @ V, B @ V)
+    assert calls == [2, 2]  # one task per worker, twice
+
+
 def test_worker_lost_with_shards_sent_from_here_is_a_clear_error():
     net, loss, theta, X, y = _big_problem()
     V = np.random.default_rng(11).standard_normal((net.num_params, 4))

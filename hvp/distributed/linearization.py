@@ -151,18 +151,40 @@ class ShardedLinearization:
     def _sum(self, product, *args, power=1):
         """``Σ_s w_s^power product(pt_s, *args)`` over all shards: one task per worker, arrays in args sent once;
         the workers' sums added up here in the order of the groups."""
-        client, groups = self.data.client, self._groups_now()
+        client = self.data.client
         start = time.perf_counter()
-        args = [client.scatter(a, broadcast=True, hash=False) if isinstance(a, np.ndarray) else a for a in args]
-        futures = [client.submit(_group_sum, g, [self._weights[i] ** power for i in indices], product, *args,
-                                 workers=[address], allow_other_workers=True, pure=False)
-                   for g, (address, indices) in zip(groups, self.data.groups)]
-        results = _gather(client, futures)
+
+        def submit():
+            sent = [client.scatter(a, broadcast=True, hash=False) if isinstance(a, np.ndarray) else a for a in args]
+            return [client.submit(_group_sum, g, [self._weights[i] ** power for i in indices], product, *sent,
+                                  workers=[address], allow_other_workers=True, pure=False)
+                    for g, (address, indices) in zip(self._groups_now(), self.data.groups)]
+        results = self._gather(submit)
         self.last_call = {"seconds": time.perf_counter() - start, "compute": [seconds for _, seconds in results]}
         total = None
         for value, _ in results:
             total = _add(total, value)
         return total
+
+    def _gather(self, submit):
+        """The results of the futures ``submit()`` returns. When a worker dies, the scheduler recomputes what it
+        held from the shards' loaders, but it may also cancel the tasks in flight: then θ is sent again, the shards
+        are linearized again and the tasks submitted once more. A lost shard that cannot be recomputed ends in a
+        RuntimeError that says so."""
+        from distributed.client import FutureCancelledError
+
+        client = self.data.client
+        try:
+            return client.gather(submit())
+        except FutureCancelledError:
+            self._theta = client.scatter(self.theta, broadcast=True, hash=False)
+            self._groups = self._linearize() if self.cache else None
+        try:
+            return client.gather(submit())
+        except FutureCancelledError as e:
+            raise RuntimeError(f"a worker holding shards was lost and they cannot be recomputed ({e}); shards sent "
+                               f"from this process (ShardedData.from_batches) exist nowhere else: build the data "
+                               f"with from_loader or from_dask_arrays to survive the loss of a worker") from None
 
     # -- what the optimizers and operators ask for -------------------------------------
 
@@ -210,12 +232,14 @@ class ShardedLinearization:
         num_samples = kfac.check_kind(kind, num_samples)
         seeds = check_seed(seed).integers(2**63, size=len(self.batch_sizes))
         client = self.data.client
-        futures = [client.submit(_group_factors, g, [self.batch_sizes[i] / self.num_examples for i in indices],
-                                 [self._weights[i] for i in indices], kind, num_samples, [seeds[i] for i in indices],
-                                 workers=[address], allow_other_workers=True, pure=False)
-                   for g, (address, indices) in zip(self._groups_now(), self.data.groups)]
+
+        def submit():
+            return [client.submit(_group_factors, g, [self.batch_sizes[i] / self.num_examples for i in indices],
+                                  [self._weights[i] for i in indices], kind, num_samples, [seeds[i] for i in indices],
+                                  workers=[address], allow_other_workers=True, pure=False)
+                    for g, (address, indices) in zip(self._groups_now(), self.data.groups)]
         total = {}
-        for part in _gather(client, futures):
+        for part in self._gather(submit):
             kfac.add_factors(total, part)
         return total
 
@@ -224,14 +248,3 @@ class ShardedLinearization:
         return kfac.KroneckerFactored(self.net, self.kronecker_factors(kind, num_samples, seed), self.l2,
                                       self.theta.dtype)
 
-
-def _gather(client, futures):
-    """The futures' results; a lost shard that cannot be recomputed ends in a RuntimeError that says so."""
-    from distributed.client import FutureCancelledError
-
-    try:
-        return client.gather(futures)
-    except FutureCancelledError as e:
-        raise RuntimeError(f"a worker holding shards was lost and they cannot be recomputed ({e}); shards sent "
-                           f"from this process (ShardedData.from_batches) exist nowhere else: build the data "
-                           f"with from_loader or from_dask_arrays to survive the loss of a worker") from None
