@@ -78,7 +78,8 @@ class Linear:
         """Rule 2: ``DW = Iᵀ DO``, ``Db = Σ_b DO``, written into ``out`` if given.
 
         DO (B, n) gives weight (m, n) and bias (n,); DO (k, B, n) gives one gradient per direction, as
-        columns: weight (m, n, k) = ``Iᵀ [DO_1 … DO_k]`` in one matrix product, bias (n, k).
+        columns: weight (m, n, k) = ``Iᵀ [DO_1 … DO_k]`` in one matrix product (into ``out``'s view, which
+        is C-contiguous as :meth:`Sequential.unflatten_columns` gives it), bias (n, k).
         """
         out = {} if out is None else out
         if DO.ndim == 2:
@@ -89,7 +90,7 @@ class Linear:
         (k, B, n), m = DO.shape, self.in_features
         weight = out.get("weight")
         weight = memory.empty((m, n, k), DO.dtype) if weight is None else weight
-        np.matmul(I.T, k_last(DO).reshape(B, n * k), out=weight.reshape(m, n * k))
+        np.matmul(I.T, _k_last(DO).reshape(B, n * k), out=weight.reshape(m, n * k))
         out["weight"] = weight
         if self.bias:
             bias = np.sum(DO, axis=1).T
@@ -108,7 +109,7 @@ class Linear:
         dO = None if dI is None else memory.matmul(dI.reshape(-1, m), W).reshape(dI.shape[:-1] + (n,))
         if dp is not None:
             k = dp["weight"].shape[-1]
-            from_params = k_first(memory.matmul(I, dp["weight"].reshape(m, n * k)).reshape(-1, n, k))
+            from_params = _k_first(memory.matmul(I, dp["weight"].reshape(m, n * k)).reshape(-1, n, k))
             if self.bias:
                 from_params += dp["bias"].T[:, None, :]
             if dO is None:
@@ -191,7 +192,7 @@ class Linear:
         """
         DI = grads = None
         if dp is not None and need_input:
-            DI = memory.matmul(DOD, k_first(dp["weight"]).transpose(0, 2, 1))
+            DI = memory.matmul(DOD, _k_first(dp["weight"]).transpose(0, 2, 1))
             if summed:
                 DI = DI.sum(axis=0)
         if dI is not None:
@@ -206,12 +207,12 @@ class Linear:
         return DI, grads
 
 
-def k_first(a):
+def _k_first(a):
     """A C-contiguous copy (k, …) of an array (…, k) from the pool; a reshape for k = 1."""
     return memory.copy(np.moveaxis(a, -1, 0)) if a.shape[-1] > 1 else a.reshape((1,) + a.shape[:-1])
 
 
-def k_last(a):
+def _k_last(a):
     """A C-contiguous copy (…, k) of an array (k, …) from the pool; a reshape for k = 1."""
     return memory.copy(np.moveaxis(a, 0, -1)) if a.shape[0] > 1 else a.reshape(a.shape[1:] + (1,))
 
