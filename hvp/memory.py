@@ -30,6 +30,7 @@ import numpy as np
 
 MIN_BYTES = 1 << 16  # smaller arrays come from numpy as usual: glibc keeps them in its heap
 POOL_BYTES = 1 << 29  # at most this much free memory is kept
+FREE_PER_SIZE = 16  # free buffers of one size kept once one of them is handed out again
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 MAX_MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling on 64-bit systems (HEAP_MAX_SIZE / 2)
@@ -106,9 +107,12 @@ def empty(shape, dtype):
         return np.empty(shape, dtype)
     with _lock:
         buffers = _buffers.setdefault((size, dtype), [])
-        for i in range(len(buffers)):
-            if _is_free(buffers, i):
-                return buffers[i].reshape(shape)
+        free = [i for i in range(len(buffers)) if _is_free(buffers, i)]
+        if free:
+            out = buffers[free[0]].reshape(shape)
+            for i in reversed(free[FREE_PER_SIZE:]):  # results kept and then dropped: keep a few of them
+                del buffers[i]
+            return out
         if _free_bytes() + size * dtype.itemsize > POOL_BYTES:
             _drop_free()
             buffers = _buffers.setdefault((size, dtype), [])

@@ -141,3 +141,10 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_reports_whether_applied():
     assert hvp.reuse_freed_memory() is (memory._glibc() is not None)
+
+
+def test_results_dropped_together_are_not_all_kept():
+    kept = [memory.empty((70000,), np.float64) for _ in range(memory.FREE_PER_SIZE + 10)]
+    del kept  # that many free buffers of one size
+    memory.empty((70000,), np.float64)
+    assert len(memory._buffers[(70000, np.dtype(np.float64))]) == memory.FREE_PER_SIZE
