@@ -19,11 +19,19 @@ def _directions(P: int, k: int, seed: int = 1, dtype=np.float64) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((P, k)).astype(dtype)
 
 
+@pytest.fixture(params=["unit_products", "row_products"])
+def rule4_path(request, monkeypatch):
+    """A Linear layer's rule 4 takes one of two routes by batch size (per input unit on the columns, or on the
+    directions as rows): the tests' small batches take the first; also run them through the second."""
+    if request.param == "row_products":
+        monkeypatch.setattr(hvp.layers.dense, "SMALL_BATCH", 0)
+
+
 # --------------------------------------------------------------------------- Hessian
 
 
 @pytest.mark.parametrize("l2", L2_VALUES)
-def test_hessian_matches_fd_of_gradient(problem, l2):
+def test_hessian_matches_fd_of_gradient(problem, l2, rule4_path):
     pt = problem.linearize(l2=l2)
     H = oracles.dense_matrix(pt.hvp, problem.P)
     H_fd = oracles.fd_hessian_from_gradient(lambda t: problem.loss_and_grad(t, l2=l2)[1], problem.theta)
@@ -120,7 +128,7 @@ def test_ggn_differs_from_hessian_for_nonlinear_network(make_problem):
 
 
 @pytest.mark.parametrize("op", ["hvp", "ggnvp"])
-def test_block_products_equal_columnwise(problem, op):
+def test_block_products_equal_columnwise(problem, op, rule4_path):
     pt = problem.linearize(l2=0.2)
     V = _directions(problem.P, 3, seed=4)
     f = getattr(pt, op)

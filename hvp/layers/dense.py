@@ -6,6 +6,7 @@ from .. import memory
 from .._checks import check_bool, describe
 
 PAIRS_MAX_K = 8
+SMALL_BATCH = 32  # up to this batch, rule 4 on k > 1 directions runs one small product per input unit
 CHUNK_ENTRIES = 1 << 22  # entries of the largest temporary array of tangent_grad_squares
 
 
@@ -191,14 +192,21 @@ class Linear:
         the k axis folded into the batch for one matmul.
         """
         DI = grads = None
+        k = (dp["weight"].shape[-1] if dp is not None else 0) or (dI.shape[0] if dI is not None else 0)
+        small = k > 1 and DOD.ndim == 2 and DOD.shape[0] <= SMALL_BATCH  # one DOD for all directions, few examples
         if dp is not None and need_input:
-            DI = memory.matmul(DOD, _k_first(dp["weight"]).transpose(0, 2, 1))
+            if small:  # per input unit i: DI[:, :, i]ᵀ = DOD Ẇ[i] (B, k), reading the columns in place
+                DI = memory.copy(memory.matmul(DOD, dp["weight"]).transpose(2, 1, 0))
+            else:  # the directions as rows, then k products of full size
+                DI = memory.matmul(DOD, _k_first(dp["weight"]).transpose(0, 2, 1))
             if summed:
                 DI = DI.sum(axis=0)
         if dI is not None:
             if dI.shape[-2] == 1 and DOD.shape[-2] != 1:  # a tangent shared by all examples
                 DOD = DOD.sum(axis=-2, keepdims=True)
-            if not summed:
+            if not summed and small:  # per input unit i: DW[i] = DODᵀ İ[:, :, i]ᵀ (n, k), written as columns
+                grads = {"weight": memory.matmul(DOD.T, memory.copy(dI.transpose(2, 1, 0)))}
+            elif not summed:
                 grads = {"weight": np.moveaxis(memory.matmul(dI.transpose(0, 2, 1), DOD), 0, -1)}
             elif DOD.ndim == 2:
                 grads = {"weight": dI.sum(axis=0).T @ DOD}
