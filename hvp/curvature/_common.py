@@ -124,17 +124,20 @@ def _apply(counted, V, block_size):
 
 
 def _rademacher(rng, n, m, dtype):
-    """m Rademacher columns (n, m) in ``dtype``, drawn one column after another.
+    """m Rademacher columns (n, m) in ``dtype``, C-contiguous (the layout the products take), drawn one column
+    after another: column j is the same however the columns are split into blocks.
 
-    Column j is the same however the columns are split into blocks; the array is the
-    transpose of a C-contiguous (m, n) one, the layout the products work in.
+    Each column's n random bits are packed n/8 bytes; only those bytes are laid side by side, and unpacking
+    them down the first axis gives the (n, m) array in its final layout.
     """
-    rows = np.empty((m, n), dtype=dtype)
+    size = (n + 7) // 8
+    packed = np.empty((size, m), dtype=np.uint8)
     for j in range(m):
-        rows[j] = np.unpackbits(np.frombuffer(rng.bytes((n + 7) // 8), dtype=np.uint8), count=n)
-    rows *= 2
-    rows -= 1
-    return rows.T
+        packed[:, j] = np.frombuffer(rng.bytes(size), dtype=np.uint8)
+    out = np.unpackbits(packed, axis=0, count=n).astype(dtype)
+    out *= 2
+    out -= 1
+    return out
 
 
 def _orthonormal_basis(Y):

@@ -70,7 +70,7 @@ def spectral_density(op, num_probes=10, lanczos_steps=80, grid=None, sigma=None,
     rng = check_seed(seed)
     counted = _Counted(op, _Progress("spectral density", num_probes * steps, progress))
     try:
-        start = _rademacher(rng, n, num_probes, op.dtype).T / op.dtype.type(np.sqrt(n))
+        start = _rademacher(rng, n, num_probes, op.dtype) / op.dtype.type(np.sqrt(n))
         alphas, betas, lengths = _block_lanczos(counted, start, steps, reorthogonalize)
     finally:
         counted.progress.close()
@@ -111,13 +111,13 @@ def _gaussian_mixture(grid, centers, weights, sigma, chunk=1 << 22):
 
 
 def _block_lanczos(counted, V0, steps, reorthogonalize):
-    """Lanczos from each row of V0 (q, P) (unit norms), all advanced by one block product per step.
+    """Lanczos from each column of V0 (P, q) (unit norms), all advanced by one block product per step.
 
-    Vectors are kept as rows in op's dtype; dot products accumulate in float64. Returns
-    α (q, steps), β (q, steps), and each run's length (steps unless its Krylov space was
-    exhausted: β below √eps of the largest |α|, β seen).
+    Vectors are kept as columns in op's dtype, the layout the products take; dot products accumulate
+    in float64. Returns α (q, steps), β (q, steps), and each run's length (steps unless its Krylov
+    space was exhausted: β below √eps of the largest |α|, β seen).
     """
-    q, n = V0.shape
+    n, q = V0.shape
     dtype = counted.dtype
     alphas, betas = np.zeros((q, steps)), np.zeros((q, steps))
     lengths = np.full(q, steps)
@@ -127,18 +127,18 @@ def _block_lanczos(counted, V0, steps, reorthogonalize):
     scale = np.zeros(q)
     for j in range(steps):
         if reorthogonalize:
-            basis[active, j] = V[active]
+            basis[active, j] = V[:, active].T
         W = np.zeros_like(V)
-        W[active] = counted.matmat(V[active].T).T
-        alpha = np.sum(V * W, axis=1, dtype=np.float64)
-        W -= alpha.astype(dtype)[:, None] * V
+        W[:, active] = counted.matmat(V if active.size == q else V[:, active])
+        alpha = np.einsum("ij,ij->j", V, W, dtype=np.float64)
+        W -= alpha.astype(dtype) * V
         if j > 0:
-            W -= betas[:, j - 1].astype(dtype)[:, None] * V_prev
+            W -= betas[:, j - 1].astype(dtype) * V_prev
         if reorthogonalize:
             for p in active:
                 B = basis[p, :j + 1]
-                W[p] -= (B @ W[p]) @ B
-        beta = np.sqrt(np.sum(W * W, axis=1, dtype=np.float64))
+                W[:, p] -= (B @ W[:, p]) @ B
+        beta = np.sqrt(np.einsum("ij,ij->j", W, W, dtype=np.float64))
         alphas[:, j], betas[:, j] = alpha, beta
         scale = np.maximum(scale, np.maximum(np.abs(alpha), beta))
         if j == steps - 1:
@@ -149,7 +149,7 @@ def _block_lanczos(counted, V0, steps, reorthogonalize):
         if active.size == 0:
             break
         V_prev, V = V, np.zeros_like(V)
-        V[active] = W[active] / beta[active, None].astype(dtype)
+        V[:, active] = W[:, active] / beta[active].astype(dtype)
     return alphas, betas, lengths
 
 

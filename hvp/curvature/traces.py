@@ -60,7 +60,7 @@ def trace(op, num_matvecs=100, method="hutchinson", seed=0, block_size=8, progre
     counted = _Counted(op, _Progress(f"trace ({method})", m, progress))
     try:
         if method == "hutchinson":
-            samples = np.concatenate([np.sum(Z * AZ, axis=0, dtype=np.float64)
+            samples = np.concatenate([np.einsum("ij,ij->j", Z, AZ, dtype=np.float64)
                                       for Z, AZ in _probe_blocks(counted, rng, m, block_size)])
             estimate = samples.mean()
         elif method == "hutch++":
@@ -149,7 +149,7 @@ def diagonal(op, num_matvecs=100, seed=0, block_size=8, progress=None):
     total = np.zeros(op.shape[0])
     try:
         for Z, AZ in _probe_blocks(counted, rng, m, block_size):
-            total += np.sum(Z * AZ, axis=1, dtype=np.float64)
+            total += np.einsum("ij,ij->i", Z, AZ, dtype=np.float64)
     finally:
         counted.progress.close()
     return total / m
