@@ -173,6 +173,16 @@ add("unflatten", {
                     call(lambda c: c.net.unflatten, lambda c: c.theta[:-1])),
 })
 
+add("unflatten_columns", {
+    "V-list": (TypeError, (r"\bV\b", "list"), call(lambda c: c.net.unflatten_columns, lambda c: [list(c.theta)])),
+    "V-1d": (ValueError, (r"\bV\b", rf"\({P}, k\)", rf"\({P},\)"),
+             call(lambda c: c.net.unflatten_columns, lambda c: c.theta)),
+    "V-rows": (ValueError, (r"\bV\b", rf"\({P}, k\)", rf"\(2, {P}\)"),
+               call(lambda c: c.net.unflatten_columns, lambda c: np.stack([c.theta, c.theta]))),
+    "V-not-contiguous": (ValueError, (r"\bV\b", "C-contiguous"),
+                         call(lambda c: c.net.unflatten_columns, lambda c: np.stack([c.theta, c.theta]).T)),
+})
+
 # -- losses and their targets -------------------------------------------------------------------
 
 for _cls in (hvp.CrossEntropyLoss, hvp.MSELoss, hvp.BCEWithLogitsLoss):

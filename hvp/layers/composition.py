@@ -155,6 +155,11 @@ class Sequential:
         -------
         list of dict
         """
+        if not isinstance(V, np.ndarray):
+            raise TypeError(f"V must be a numpy array of shape ({self.num_params}, k), got {describe(V)}")
+        if V.ndim != 2 or V.shape[0] != self.num_params or not V.flags.c_contiguous:
+            raise ValueError(f"V must be a C-contiguous array of shape ({self.num_params}, k), got {describe(V)}"
+                             f"{'' if V.flags.c_contiguous else ', not C-contiguous'}")
         k = V.shape[1]
         return [{name: V[start:stop].reshape(shape + (k,)) for name, start, stop, shape in entries}
                 for entries in self._slices]
