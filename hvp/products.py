@@ -142,8 +142,8 @@ class Linearization:
 
     def _columns(self, v):
         """v (P,) or (P, k) as C-contiguous columns (P, k) in θ's dtype, and whether it was 1-D."""
-        v = check_direction("v", v, self.net.num_params, self.theta.dtype)
-        return (v[:, None] if v.ndim == 1 else np.ascontiguousarray(v)), v.ndim == 1
+        v = np.ascontiguousarray(check_direction("v", v, self.net.num_params, self.theta.dtype))
+        return (v[:, None] if v.ndim == 1 else v), v.ndim == 1
 
     def _tangents(self, V):
         """Rule 3 through the network for columns V (P, k): each layer's input tangent, output tangent (k, B, C)."""
