@@ -192,7 +192,7 @@ class Linear:
         the k axis folded into the batch for one matmul.
         """
         DI = grads = None
-        k = (dp["weight"].shape[-1] if dp is not None else 0) or (dI.shape[0] if dI is not None else 0)
+        k = dp["weight"].shape[-1] if dp is not None else dI.shape[0] if dI is not None else 1
         small = k > 1 and DOD.ndim == 2 and DOD.shape[0] <= SMALL_BATCH  # one DOD for all directions, few examples
         if dp is not None and need_input:
             if small:  # per input unit i: DI[:, :, i]ᵀ = DOD Ẇ[i] (B, k), reading the columns in place
