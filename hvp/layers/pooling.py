@@ -101,12 +101,15 @@ class _MaxPool(_Pool):
     def forward(self, p, I):
         """Rule 1: each window's maximum; I (B, C, [H,] W) -> O (B, C, [Ho,] Wo)."""
         taps = self._taps(I, fill=-np.inf)
-        O = taps[0].copy()
+        O = memory.copy(taps[0])
         for tap in taps[1:]:
             np.maximum(O, tap, out=O)
-        where = np.full(O.shape, len(taps) - 1, dtype=np.intp)
-        for t in range(len(taps) - 2, -1, -1):  # the first tap that holds the maximum
-            where = np.where(taps[t] == O, np.intp(t), where)
+        # the first window offset that holds the maximum: the count of leading offsets that do not
+        run = taps[0] != O
+        where = run.astype(np.min_scalar_type(len(taps) - 1))
+        for tap in taps[1:-1]:
+            run &= tap != O
+            where += run
         return self._out(O), {"where": where[..., None], "shape": I.shape}
 
     def backward_input(self, p, cache, DO):
