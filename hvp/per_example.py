@@ -117,9 +117,10 @@ def _diag_ggn_from_factor(pt, S):
             d1 = layer._d1(cache)
             scale = d1 if scale is None else memory.multiply(scale, d1)
             continue
-        if i in layers:
-            layer.grad_squares(p, cache, D, views[i], scale)
-        if i > layers[0]:
+        DI = layer.grad_squares(p, cache, D, views[i], scale, need_input=i > layers[0]) if i in layers else None
+        if DI is not None:  # formed on the way (a residual block)
+            D, scale = DI, None
+        elif i > layers[0]:
             if scale is not None:
                 D *= scale
                 scale = None

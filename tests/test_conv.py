@@ -209,12 +209,15 @@ POOL_CASES = {
     "max2d_k3_s2_p1": ("MaxPool2d", dict(kernel_size=3, stride=2, padding=1), (2, 2, 7, 6)),
     "max2d_k2x3_s1x2_p1": ("MaxPool2d", dict(kernel_size=(2, 3), stride=(1, 2), padding=1), (2, 2, 5, 7)),
     "avg2d_k2": ("AvgPool2d", dict(kernel_size=2), (2, 3, 4, 5)),
+    "avg2d_k2x3_tiles": ("AvgPool2d", dict(kernel_size=(2, 3)), (2, 2, 4, 6)),
+    "avg2d_k2_odd": ("AvgPool2d", dict(kernel_size=2), (2, 2, 5, 7)),
     "avg2d_k3_s2_p1": ("AvgPool2d", dict(kernel_size=3, stride=2, padding=1), (2, 2, 7, 6)),
     "avg2d_k3x2_s2x1_p1x0": ("AvgPool2d", dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)), (2, 2, 6, 5)),
     "max1d_k2_odd": ("MaxPool1d", dict(kernel_size=2), (2, 2, 7)),
     "max1d_k3_s2_p1": ("MaxPool1d", dict(kernel_size=3, stride=2, padding=1), (2, 3, 7)),
     "avg1d_k3_s2_p1": ("AvgPool1d", dict(kernel_size=3, stride=2, padding=1), (2, 3, 7)),
     "avg1d_k4_s3_p2": ("AvgPool1d", dict(kernel_size=4, stride=3, padding=2), (2, 2, 6)),
+    "avg1d_k3_tiles": ("AvgPool1d", dict(kernel_size=3), (2, 2, 9)),
 }
 
 K = 2  # directions in a block

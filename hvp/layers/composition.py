@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from .. import memory
 from .._checks import check_inputs, check_instance, check_seed, check_theta, describe
 
 
@@ -291,16 +292,35 @@ class Residual:
 
     # -- per-example pieces: f's layers' own, with adjoints carried back through f ---------------------
 
-    def _through(self, p, cache, D, visit):
+    @staticmethod
+    def _kept(cache, DO):
+        """The adjoints at the output of each layer of f that the gradient's pass kept, when DO is that pass's
+        output adjoint (the array itself, or a view of it with a leading axis of 1, as per-example rules take
+        it); else None."""
+        kept = cache.get("adjoints")
+        if kept is None or any(a is None for a in kept[1]):
+            return None
+        first = kept[0]
+        if DO is first:
+            return kept[1]
+        same = (DO.shape == (1,) + first.shape and DO.strides[1:] == first.strides and DO.dtype == first.dtype
+                and DO.ctypes.data == first.ctypes.data)
+        return [a[None] for a in kept[1]] if same else None
+
+    def _through(self, p, cache, D, visit, need_input=False):
         """Carry output-side adjoints D back through f, calling ``visit(j, layer, p_j, cache_j, D_j)`` at each
-        layer with parameters on the adjoint at its output; the identity path adds nothing to f's parameters."""
-        params, caches = self._split(p), cache["caches"]
+        layer with parameters on the adjoint at its output (those the gradient's pass kept, when D is its
+        adjoint); the identity path adds nothing to f's parameters. With ``need_input``, returns f's input
+        adjoint, else None."""
+        params, caches, kept = self._split(p), cache["caches"], self._kept(cache, D)
         for j in reversed(range(len(self.layers))):
-            layer = self.layers[j]
-            if params[j]:
-                visit(j, layer, params[j], caches[j], D)
-            if j > 0:
-                D = layer.backward_input(params[j] or {}, caches[j], D)
+            layer, q = self.layers[j], params[j] or {}
+            D = D if kept is None else kept[j]
+            if q:
+                visit(j, layer, q, caches[j], D)
+            if (j > 0 and kept is None) or (j == 0 and need_input):
+                D = layer.backward_input(q, caches[j], D)
+        return D if need_input else None
 
     def _sub_views(self, j, out):
         return {name: out[full] for full, name in self._names[j]}
@@ -309,20 +329,21 @@ class Residual:
         """Per-example gradients of f's parameters, each layer's own rule on the adjoint at its output."""
         self._through(p, cache, DO, lambda j, layer, q, c, D: layer.batch_grad(q, c, D, self._sub_views(j, out), rows))
 
-    def grad_squares(self, p, cache, D, out, scale=None, weights=None):
-        """``Σ_{k,b} w_kb g_kb²`` of f's parameters for adjoints ``scale ⊙ D_k``, D (K, B or 1, …), w (K, B) or None."""
-        self._through(p, cache, D if scale is None else D * scale,
-                      lambda j, layer, q, c, Dj: layer.grad_squares(q, c, Dj, self._sub_views(j, out),
-                                                                    weights=weights))
+    def grad_squares(self, p, cache, D, out, scale=None, weights=None, need_input=False):
+        """``Σ_{k,b} w_kb g_kb²`` of f's parameters for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, …), w (K, B)
+        or None; with ``need_input`` also the block's input adjoint ``DO + f's input adjoint``, formed on the way
+        back through f."""
+        DO = D if scale is None else memory.multiply(D, scale)
+        DI = self._through(p, cache, DO, lambda j, layer, q, c, Dj: layer.grad_squares(
+            q, c, Dj, self._sub_views(j, out), weights=weights), need_input)
+        return None if DI is None else DI + DO
 
     def branch(self, p, cache, DO, out):
         """f's layers for the Hessian diagonal and K-FAC: ``(layer, p_j, cache_j, DO_j, out_j)`` per layer of f,
         DO_j the adjoint at its output for the block's output adjoint DO (those kept by the gradient's pass, or
         carried back through f again) and out_j its views into ``out`` (None without ``out``)."""
-        kept = cache.get("adjoints")
-        if kept is not None and kept[0] is DO and all(a is not None for a in kept[1]):
-            adjoints = kept[1]
-        else:
+        adjoints = self._kept(cache, DO)
+        if adjoints is None:
             adjoints, D = [None] * len(self.layers), DO
             for j in reversed(range(len(self.layers))):
                 adjoints[j] = D

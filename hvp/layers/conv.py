@@ -195,10 +195,10 @@ class _Conv(PatchProducts):
         if self.bias:
             out["bias"][...] = self._bias_grads(DO[rows])
 
-    def grad_squares(self, p, cache, D, out, scale=None, weights=None):
+    def grad_squares(self, p, cache, D, out, scale=None, weights=None, need_input=False):
         """``Σ_{k,b} w_kb (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, O, …), weights w (K, B) or
         None for 1: per-example gradients formed a block of examples at a time (the squares do not factor over
-        positions), the σ′ factor applied per block."""
+        positions), the σ′ factor applied per block. Returns None (``need_input``: the caller carries D back)."""
         K, B = D.shape[0], cache["shape"][0]
         D = np.broadcast_to(D, (K, B) + D.shape[2:])  # columns shared by every example
         for view in out.values():

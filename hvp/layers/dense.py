@@ -150,10 +150,11 @@ class Linear:
         if self.bias:
             out["bias"][...] = DO
 
-    def grad_squares(self, p, I, D, out, scale=None, weights=None):
+    def grad_squares(self, p, I, D, out, scale=None, weights=None, need_input=False):
         """``Σ_{k,b} w_kb (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, n), w (K, B) or None for 1:
         weight ``(I²)ᵀ Σ_k w_k DO_k²``, bias ``Σ_{k,b} w_k DO_k²`` — one matmul; the σ′ factor ``scale`` (B, n) is
-        applied to the squares, and columns shared by every example (D (K, 1, n)) cost one (B, K)·(K, n) product."""
+        applied to the squares, and columns shared by every example (D (K, 1, n)) cost one (B, K)·(K, n) product.
+        Returns None (``need_input``: the caller carries D back)."""
         self.diagonal_squares(p, I, weighted_squares(D, weights, scale, I.shape[0]), out)
 
     def diagonal_squares(self, p, I, d, out):

@@ -172,9 +172,28 @@ class _AvgPool(_Pool):
         flat = self._flat(DO)
         D2 = flat if self.spatial == 2 else flat[:, :, None, :]
         size = int(np.prod(self._kernel))
-        D = np.broadcast_to((D2 / DO.dtype.type(size))[..., None], D2.shape + (size,))
-        DI = self._fold(D, (flat.shape[0],) + tuple(cache["shape"][1:]))
+        D2 = D2 / DO.dtype.type(size)
+        shape = (flat.shape[0],) + tuple(cache["shape"][1:])
+        if self._stride == self._kernel and not any(self._padding):  # windows that tile the input
+            DI = self._spread(D2, shape)
+        else:
+            DI = self._fold(np.broadcast_to(D2[..., None], D2.shape + (size,)), shape)
         return DI.reshape(DO.shape[:DO.ndim - 1 - self.spatial] + DI.shape[1:])
+
+    def _spread(self, D2, shape):
+        """For windows that tile the input (stride = kernel, no padding): D2 (N, C, Ho, Wo) copied to every entry of
+        its window, the uncovered edges 0 -> (N, *shape[1:])."""
+        (kH, kW), (N, C, Ho, Wo) = self._kernel, D2.shape
+        H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
+        DI = memory.empty((N, C, H, W), D2.dtype)
+        DI[..., Ho * kH:, :] = 0
+        DI[..., :, Wo * kW:] = 0
+        tiles = np.broadcast_to(D2[:, :, :, None, :, None], (N, C, Ho, kH, Wo, kW))
+        if (H, W) == (Ho * kH, Wo * kW):
+            DI.reshape(tiles.shape)[...] = tiles
+        else:
+            DI[..., :Ho * kH, :Wo * kW] = tiles.reshape((N, C, Ho * kH, Wo * kW))
+        return DI.reshape((N,) + tuple(shape[1:]))
 
     def tangent(self, p, cache, dI, dp):
         """Rule 3: the map itself, ``Ȯ_k = avgpool(İ_k)``."""
