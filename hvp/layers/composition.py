@@ -336,7 +336,12 @@ class Residual:
         DO = D if scale is None else memory.multiply(D, scale)
         DI = self._through(p, cache, DO, lambda j, layer, q, c, Dj: layer.grad_squares(
             q, c, Dj, self._sub_views(j, out), weights=weights), need_input)
-        return None if DI is None else DI + DO
+        if DI is None:
+            return None
+        if DO is D:
+            return DI + DO
+        DO += DI  # ours, and of the full shape (K, B, …)
+        return DO
 
     def branch(self, p, cache, DO, out):
         """f's layers for the Hessian diagonal and K-FAC: ``(layer, p_j, cache_j, DO_j, out_j)`` per layer of f,
