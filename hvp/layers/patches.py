@@ -23,6 +23,7 @@ from collections import namedtuple
 import numpy as np
 
 from .. import memory
+from ..threads import map_chunks
 from .windows import window_geometry
 
 Geometry = namedtuple("Geometry", "H W Hp Wp Ho Wo Wg shifted flat")
@@ -38,7 +39,7 @@ class PatchProducts:
     K of the other operand.
     """
 
-    CHUNK_BYTES = 2 << 20  # a chunk of examples holds about this many bytes of patches and outputs
+    CHUNK_BYTES = 4 << 20  # a chunk of examples holds about this many bytes of patches and outputs
 
     def _geometry(self, shape):
         """Sizes for inputs of shape (N, C, [H,] W), in two spatial dimensions."""
@@ -116,9 +117,12 @@ class PatchProducts:
         Wt, (K_P, M), G = self._tap_weights(W)[:, None], P.shape[:2], self.groups
         K = max(K_P, W.shape[0])
         out = memory.empty((K, M, G, self.out_channels // G, geo.Ho, geo.Wo), P.dtype)
-        for rows in self._chunks(M, self._patch_bytes(K_P, 2 * K, self.out_channels, geo, P.itemsize)):
+
+        def chunk(rows):
             y = memory.matmul(Wt, self._patches(P, geo, rows))  # (K, b, G, O/G, Ho·Wg)
             out[:, rows] = y.reshape(y.shape[:-1] + (geo.Ho, geo.Wg))[..., :geo.Wo]
+
+        map_chunks(chunk, self._chunks(M, self._patch_bytes(K_P, 2 * K, self.out_channels, geo, P.itemsize)))
         return out.reshape((K, M, self.out_channels) + (geo.Ho, geo.Wo)[2 - self.spatial:])
 
     def _adjoint(self, W, D, geo, summed=False):
@@ -128,7 +132,8 @@ class PatchProducts:
         Cg = self.in_channels // self.groups
         K = max(K_D, W.shape[0])
         P = memory.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), D.dtype)
-        for rows in self._chunks(M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize)):
+
+        def chunk(rows):
             E = memory.matmul(Wt, self._grid(D[:, rows], geo))  # (K, b, G, J, Ho·Wg)
             if summed and K > 1:
                 E = E.sum(axis=0, keepdims=True)
@@ -136,6 +141,8 @@ class PatchProducts:
             for t, (i, j) in enumerate(np.ndindex(*self._kernel)):
                 window = self._window(P, geo, i, j, rows)
                 window += E[..., t, :, :].reshape(window.shape)
+
+        map_chunks(chunk, self._chunks(M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize)))
         (pH, pW), C = self._padding, self.in_channels
         grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
         return memory.copy(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
@@ -146,15 +153,20 @@ class PatchProducts:
         (K, b, O, C/G, *kernel) per example."""
         K, b, start, G = max(D.shape[0], P.shape[0]), D.shape[1], rows.start or 0, self.groups
         out = memory.zeros((K,) + ((b,) if per_example else ()) + (G, self.fan_in, self.out_channels // G), D.dtype)
-        for sub in self._chunks(b, self._patch_bytes(P.shape[0], 2 * D.shape[0], self.out_channels, geo,
-                                                     D.itemsize)):
+
+        def chunk(sub):
             U = self._patches(P, geo, slice(start + sub.start, start + sub.stop))
             # U Dᵀ, the transpose of D Uᵀ: OpenBLAS runs it about twice as fast with few output channels
             y = memory.matmul(U, np.swapaxes(self._grid(D[:, sub], geo), -1, -2))  # (K, c, G, J, O/G)
-            if per_example:
-                out[:, sub] = y
-            else:
-                out += y.sum(axis=1)
+            if not per_example:
+                return y.sum(axis=1)
+            out[:, sub] = y
+
+        sums = map_chunks(chunk, self._chunks(b, self._patch_bytes(P.shape[0], 2 * D.shape[0], self.out_channels,
+                                                                   geo, D.itemsize)))
+        if not per_example:
+            for y in sums:  # in the chunks' order, as one thread would add them
+                out += y
         return self._from_tap_weights(np.swapaxes(out, -1, -2))
 
     def _patch_gram(self, cache):
@@ -162,10 +174,14 @@ class PatchProducts:
         position, J = (C/G)·kH·kW in the weight's order."""
         geo, P, G, Cg = cache["geo"], cache["P"][None], self.groups, self.in_channels // self.groups
         A, s = np.zeros((G, self.fan_in, self.fan_in), dtype=P.dtype), np.zeros((G, self.fan_in), dtype=P.dtype)
-        for rows in self._chunks(P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize)):
+
+        def chunk(rows):
             U = self._patches(P, geo, rows)[0]  # (b, G, J, Ho·Wg), J = (tap, channel)
             U = U.reshape(U.shape[:2] + (-1, Cg, geo.Ho, geo.Wg))[..., :geo.Wo]
             U = np.swapaxes(U, 2, 3).reshape(U.shape[:2] + (self.fan_in, -1))  # J = (channel, tap), valid positions
-            A += np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0)
-            s += U.sum(axis=(0, 3))
+            return np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0), U.sum(axis=(0, 3))
+
+        for A_part, s_part in map_chunks(chunk, self._chunks(P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize))):
+            A += A_part
+            s += s_part
         return A, s
