@@ -15,7 +15,7 @@ BLAS get one thread too.
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 _lock = threading.Lock()
 _state = {"active": 0, "threads": 1}  # sections running, and the BLAS's thread count before the first of them
@@ -57,10 +57,15 @@ def blas_threads():
         return _state["threads"] if _state["active"] else _blas[0]()
 
 
-def map_chunks(fn, chunks):
-    """``[fn(c) for c in chunks]``, in order; the calls spread over :func:`blas_threads` threads, the BLAS on one
-    thread while they run. ``fn`` must write only what belongs to its chunk."""
-    threads = min(blas_threads(), len(chunks))
+def _run(fn, chunks):
+    return [fn(c) for c in chunks]
+
+
+def map_chunks(fn, chunks, threads=None):
+    """``[fn(c) for c in chunks]``, in order; the calls spread over ``threads`` threads (default
+    :func:`blas_threads`; the calling one among them), a run of consecutive chunks each, the BLAS on one thread
+    while they run. ``fn`` must write only what belongs to its chunk."""
+    threads = min(blas_threads() if threads is None else threads, len(chunks))
     if threads < 2:
         return [fn(c) for c in chunks]
     get, set_ = _blas
@@ -71,10 +76,18 @@ def map_chunks(fn, chunks):
         _state["active"] += 1
         key = (os.getpid(), threads)
         if key not in _executors:
-            _executors[key] = ThreadPoolExecutor(threads, thread_name_prefix="hvp-chunks")
+            _executors[key] = ThreadPoolExecutor(threads - 1, thread_name_prefix="hvp-chunks")
         executor = _executors[key]
-    try:
-        return list(executor.map(fn, chunks))
+    try:  # contiguous runs of chunks, one per thread, the calling thread's among them
+        runs = [chunks[i * len(chunks) // threads:(i + 1) * len(chunks) // threads] for i in range(threads)]
+        others = [executor.submit(_run, fn, run) for run in runs[1:]]
+        try:
+            results = _run(fn, runs[0])
+        finally:
+            wait(others)  # no chunk left running once this returns or raises
+        for future in others:
+            results += future.result()
+        return results
     finally:
         with _lock:
             _state["active"] -= 1

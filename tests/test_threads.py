@@ -82,7 +82,7 @@ def test_sections_that_overlap_from_two_threads_leave_the_count_as_it_was():
 
 
 def one_thread(monkeypatch):
-    monkeypatch.setattr(threads, "blas_threads", lambda: 1)
+    monkeypatch.setattr(hvp.Conv2d, "PARALLEL_BYTES", float("inf"))
 
 
 def cnn():
@@ -98,6 +98,7 @@ def test_convolutions_give_the_same_numbers_on_one_thread_and_on_several(monkeyp
     theta, X, y = net.init(0), rng.normal(size=(40, 2, 8, 8)), rng.integers(0, 3, 40)
     v = rng.normal(size=net.num_params)
     monkeypatch.setattr(hvp.Conv2d, "CHUNK_BYTES", 1)  # one example per chunk: many chunks on each thread
+    monkeypatch.setattr(hvp.Conv2d, "PARALLEL_BYTES", 0)  # and threads for products of any size
 
     def quantities():
         pt = hvp.linearize(net, loss, theta, X, y)

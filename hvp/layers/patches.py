@@ -23,7 +23,7 @@ from collections import namedtuple
 import numpy as np
 
 from .. import memory
-from ..threads import map_chunks
+from ..threads import blas_threads, map_chunks
 from .windows import window_geometry
 
 Geometry = namedtuple("Geometry", "H W Hp Wp Ho Wo Wg shifted flat")
@@ -40,6 +40,7 @@ class PatchProducts:
     """
 
     CHUNK_BYTES = 4 << 20  # a chunk of examples holds about this many bytes of patches and outputs
+    PARALLEL_BYTES = 32 << 20  # smaller products run in the calling thread: waking another costs about 0.1 ms
 
     def _geometry(self, shape):
         """Sizes for inputs of shape (N, C, [H,] W), in two spatial dimensions."""
@@ -92,9 +93,14 @@ class PatchProducts:
             U[..., t, :, :, :] = self._window(P, geo, i, j, rows).reshape(lead + (Cg, geo.Ho, geo.Wg))
         return U.reshape(lead + (-1, geo.Ho * geo.Wg))
 
-    def _chunks(self, n, per_example):
-        size = max(1, self.CHUNK_BYTES // max(1, per_example))
-        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    def _map(self, fn, n, per_example):
+        """``fn(rows)`` for chunks ``rows`` of the n examples, in order: about ``CHUNK_BYTES`` each, spread over the
+        BLAS's threads (as many chunks for each, of equal sizes) when the product has ``PARALLEL_BYTES`` or more."""
+        total = n * max(1, per_example)
+        threads = blas_threads() if total >= self.PARALLEL_BYTES else 1
+        count = -(-total // self.CHUNK_BYTES)
+        count = min(n, -(-count // threads) * threads)
+        return map_chunks(fn, [slice(i * n // count, (i + 1) * n // count) for i in range(count)], threads)
 
     def _grid(self, D, geo):
         """A chunk's output-side arrays D (K, b, O, [Ho,] Wo) on the grid of output positions, zero in its dropped
@@ -122,7 +128,7 @@ class PatchProducts:
             y = memory.matmul(Wt, self._patches(P, geo, rows))  # (K, b, G, O/G, Ho·Wg)
             out[:, rows] = y.reshape(y.shape[:-1] + (geo.Ho, geo.Wg))[..., :geo.Wo]
 
-        map_chunks(chunk, self._chunks(M, self._patch_bytes(K_P, 2 * K, self.out_channels, geo, P.itemsize)))
+        self._map(chunk, M, self._patch_bytes(K_P, 2 * K, self.out_channels, geo, P.itemsize))
         return out.reshape((K, M, self.out_channels) + (geo.Ho, geo.Wo)[2 - self.spatial:])
 
     def _adjoint(self, W, D, geo, summed=False):
@@ -142,7 +148,7 @@ class PatchProducts:
                 window = self._window(P, geo, i, j, rows)
                 window += E[..., t, :, :].reshape(window.shape)
 
-        map_chunks(chunk, self._chunks(M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize)))
+        self._map(chunk, M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize))
         (pH, pW), C = self._padding, self.in_channels
         grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
         return memory.copy(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
@@ -162,8 +168,7 @@ class PatchProducts:
                 return y.sum(axis=1)
             out[:, sub] = y
 
-        sums = map_chunks(chunk, self._chunks(b, self._patch_bytes(P.shape[0], 2 * D.shape[0], self.out_channels,
-                                                                   geo, D.itemsize)))
+        sums = self._map(chunk, b, self._patch_bytes(P.shape[0], 2 * D.shape[0], self.out_channels, geo, D.itemsize))
         if not per_example:
             for y in sums:  # in the chunks' order, as one thread would add them
                 out += y
@@ -181,7 +186,7 @@ class PatchProducts:
             U = np.swapaxes(U, 2, 3).reshape(U.shape[:2] + (self.fan_in, -1))  # J = (channel, tap), valid positions
             return np.matmul(U, np.swapaxes(U, -1, -2)).sum(axis=0), U.sum(axis=(0, 3))
 
-        for A_part, s_part in map_chunks(chunk, self._chunks(P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize))):
+        for A_part, s_part in self._map(chunk, P.shape[1], self._patch_bytes(2, 0, 0, geo, P.itemsize)):
             A += A_part
             s += s_part
         return A, s
