@@ -25,12 +25,14 @@ _blas = _NOT_FOUND
 
 
 def _find_openblas():
-    """``(get_num_threads, set_num_threads)`` of the OpenBLAS loaded in this process, or None."""
+    """``(get_num_threads, set_num_threads)`` of the OpenBLAS loaded in this process (numpy's first, where scipy
+    brings its own), or None."""
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
     except OSError:
         return None
+    paths = sorted(paths, key=lambda path: ("numpy" not in path, path))
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
