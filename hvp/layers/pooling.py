@@ -80,9 +80,9 @@ class _Pool:
         out = fold(D, in_size, self._kernel, self._stride, self._padding, (1, 1))
         return out.reshape((N,) + tuple(shape[1:]))
 
-    def _tiled(self, D2, shape, mask=None):
+    def _tiled(self, D2, shape):
         """For windows that tile the input (stride = kernel, no padding): D2 (..., C, Ho, Wo) copied to every entry of
-        its window, times ``mask`` (B, C, Ho, kH, Wo, kW) where given, the uncovered edges 0 -> (..., C, H, W)."""
+        its window, the uncovered edges 0 -> (..., C, H, W)."""
         (kH, kW), (Ho, Wo) = self._kernel, D2.shape[-2:]
         H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
         DI = memory.empty(D2.shape[:-2] + (H, W), D2.dtype)
@@ -91,10 +91,7 @@ class _Pool:
         tiles_shape = D2.shape[:-2] + (Ho, kH, Wo, kW)
         exact = (H, W) == (Ho * kH, Wo * kW)
         tiles = DI.reshape(tiles_shape) if exact else memory.empty(tiles_shape, D2.dtype)
-        if mask is None:
-            tiles[...] = D2[..., :, None, :, None]
-        else:
-            np.multiply(D2[..., :, None, :, None], mask, out=tiles)
+        tiles[...] = D2[..., :, None, :, None]
         if not exact:
             DI[..., :Ho * kH, :Wo * kW] = tiles.reshape(D2.shape[:-2] + (Ho * kH, Wo * kW))
         return DI
@@ -138,18 +135,25 @@ class _MaxPool(_Pool):
         DO = np.broadcast_to(DO, lead + tuple(shape[:1]) + DO.shape[DO.ndim - 1 - self.spatial:])  # shared columns
         D2 = DO if self.spatial == 2 else DO[..., None, :]  # (..., B, C, Ho, Wo)
         if self._stride == self._kernel and not any(self._padding):  # windows that tile the input
-            return self._tiled(D2, shape, self._mask(cache)).reshape(lead + tuple(shape))
+            return self._scatter(cache["where"][..., 0], D2, shape).reshape(lead + tuple(shape))
         D = np.zeros(D2.shape + (int(np.prod(self._kernel)),), dtype=DO.dtype)
         np.put_along_axis(D, np.broadcast_to(cache["where"], D2.shape + (1,)), D2[..., None], axis=-1)
         DI = self._fold(D.reshape((-1,) + D.shape[-4:]), shape)
         return DI.reshape(lead + tuple(shape))
 
-    def _mask(self, cache):
-        """Windows that tile the input: the one-hot mask (B, C, Ho, kH, Wo, kW) of each one's maximum, formed once."""
-        if "mask" not in cache:
-            (kH, kW), where = self._kernel, cache["where"][..., 0]  # (B, C, Ho, Wo)
-            cache["mask"] = where[:, :, :, None, :, None] == np.arange(kH * kW).reshape(kH, 1, kW)
-        return cache["mask"]
+    def _scatter(self, where, D2, shape):
+        """Rule 2 for windows that do not overlap: each input entry is written once, by the window offset it sits
+        at, with the adjoint where that offset held the maximum and 0 elsewhere (uncovered edges: 0). (One product
+        with a one-hot mask of the windows, written in the input's order, was slower: numpy's inner loop then
+        runs over the kW entries of a window row.)"""
+        (kH, kW), (Ho, Wo) = self._kernel, D2.shape[-2:]
+        H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
+        DI = memory.empty(D2.shape[:-2] + (H, W), D2.dtype)
+        DI[..., Ho * kH:, :] = 0
+        DI[..., :, Wo * kW:] = 0
+        for t, (i, j) in enumerate(np.ndindex(kH, kW)):
+            np.multiply(D2, where == t, out=DI[..., i:Ho * kH:kH, j:Wo * kW:kW])
+        return DI
 
     def backward_diagonal(self, p, cache, d):
         """``Jᵀ d`` = diag(Jᵀ diag(d) J): each output copies one input entry, so J's entries are 0 or 1, one per row."""
