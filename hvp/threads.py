@@ -59,8 +59,15 @@ def blas_threads():
         return _state["threads"] if _state["active"] else _blas[0]()
 
 
+_inside = threading.local()  # set in a thread while it runs chunks: a map_chunks there runs in that thread
+
+
 def _run(fn, chunks):
-    return [fn(c) for c in chunks]
+    _inside.active = True
+    try:
+        return [fn(c) for c in chunks]
+    finally:
+        _inside.active = False
 
 
 def map_chunks(fn, chunks, threads=None):
@@ -68,7 +75,7 @@ def map_chunks(fn, chunks, threads=None):
     :func:`blas_threads`; the calling one among them), a run of consecutive chunks each, the BLAS on one thread
     while they run. ``fn`` must write only what belongs to its chunk."""
     threads = min(blas_threads() if threads is None else threads, len(chunks))
-    if threads < 2:
+    if threads < 2 or getattr(_inside, "active", False):  # nested: the outer call has the threads
         return [fn(c) for c in chunks]
     get, set_ = _blas
     with _lock:

@@ -81,6 +81,23 @@ def test_sections_that_overlap_from_two_threads_leave_the_count_as_it_was():
     assert threads._blas[0]() == 2
 
 
+@needs_openblas
+def test_a_call_inside_a_chunk_runs_in_that_thread():
+    def inner(i):
+        return threading.current_thread().name
+
+    def outer(i):
+        names = threads.map_chunks(inner, [0, 1, 2, 3])
+        assert len(set(names)) == 1 and names[0] == threading.current_thread().name
+        return i
+
+    result = []
+    caller = threading.Thread(target=lambda: result.append(threads.map_chunks(outer, [0, 1, 2, 3])), daemon=True)
+    caller.start()
+    caller.join(timeout=60)  # without the rule, the inner call waits forever for the busy pool
+    assert result == [[0, 1, 2, 3]]
+
+
 def one_thread(monkeypatch):
     monkeypatch.setattr(hvp.Conv2d, "PARALLEL_BYTES", float("inf"))
 
