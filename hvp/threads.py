@@ -74,9 +74,9 @@ def map_chunks(fn, chunks, threads=None):
     """``[fn(c) for c in chunks]``, in order; the calls spread over ``threads`` threads (default
     :func:`blas_threads`; the calling one among them), a run of consecutive chunks each, the BLAS on one thread
     while they run. ``fn`` must write only what belongs to its chunk."""
-    count = blas_threads()  # finds the BLAS, if it can be told
-    threads = min(count if threads is None else threads, len(chunks))
-    if threads < 2 or _blas is None or getattr(_inside, "active", False):  # nested: the outer call has the threads
+    threads = min(blas_threads() if threads is None else threads, len(chunks))
+    nested = getattr(_inside, "active", False)  # inside a chunk: the outer call has the threads
+    if threads < 2 or nested or not isinstance(_blas, tuple):  # no BLAS this module can tell
         return [fn(c) for c in chunks]
     get, set_ = _blas
     with _lock:
