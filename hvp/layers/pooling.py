@@ -80,14 +80,21 @@ class _Pool:
         out = fold(D, in_size, self._kernel, self._stride, self._padding, (1, 1))
         return out.reshape((N,) + tuple(shape[1:]))
 
-    def _tiled(self, D2, shape):
-        """For windows that tile the input (stride = kernel, no padding): D2 (..., C, Ho, Wo) copied to every entry of
-        its window, the uncovered edges 0 -> (..., C, H, W)."""
+    def _edges_zeroed(self, D2, shape):
+        """For windows that tile the input (stride = kernel, no padding): an input-side array (..., C, H, W) for the
+        output-side D2 (..., C, Ho, Wo), 0 on the edges no window covers and not yet written elsewhere."""
         (kH, kW), (Ho, Wo) = self._kernel, D2.shape[-2:]
         H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
         DI = memory.empty(D2.shape[:-2] + (H, W), D2.dtype)
         DI[..., Ho * kH:, :] = 0
         DI[..., :, Wo * kW:] = 0
+        return DI
+
+    def _tiled(self, D2, shape):
+        """For windows that tile the input: D2 (..., C, Ho, Wo) copied to every entry of its window, the uncovered
+        edges 0 -> (..., C, H, W)."""
+        DI, (kH, kW), (Ho, Wo) = self._edges_zeroed(D2, shape), self._kernel, D2.shape[-2:]
+        H, W = DI.shape[-2:]
         tiles_shape = D2.shape[:-2] + (Ho, kH, Wo, kW)
         exact = (H, W) == (Ho * kH, Wo * kW)
         tiles = DI.reshape(tiles_shape) if exact else memory.empty(tiles_shape, D2.dtype)
@@ -146,11 +153,7 @@ class _MaxPool(_Pool):
         at, with the adjoint where that offset held the maximum and 0 elsewhere (uncovered edges: 0). (One product
         with a one-hot mask of the windows, written in the input's order, was slower: numpy's inner loop then
         runs over the kW entries of a window row.)"""
-        (kH, kW), (Ho, Wo) = self._kernel, D2.shape[-2:]
-        H, W = (1,) * (2 - self.spatial) + tuple(shape[2:])
-        DI = memory.empty(D2.shape[:-2] + (H, W), D2.dtype)
-        DI[..., Ho * kH:, :] = 0
-        DI[..., :, Wo * kW:] = 0
+        DI, (kH, kW), (Ho, Wo) = self._edges_zeroed(D2, shape), self._kernel, D2.shape[-2:]
         for t, (i, j) in enumerate(np.ndindex(kH, kW)):
             np.multiply(D2, where == t, out=DI[..., i:Ho * kH:kH, j:Wo * kW:kW])
         return DI
