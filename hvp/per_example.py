@@ -47,12 +47,16 @@ def _grad_without_l2(pt):
     return g
 
 
-def sum_grad_squared(pt):
-    """``Σ_n g_n²`` (P,): for a Linear layer weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``)."""
+def sum_grad_squared(pt, sums=None):
+    """``Σ_n g_n²`` (P,): for a Linear layer weight ``(I²)ᵀ(DO²)``, bias ``Σ_n DO_n²`` (seed 002 ``DI2²``, ``DI3²``).
+
+    With ``sums`` (P,), ``Σ_n g_n`` is written there too: a convolution sums the g_n it forms anyway."""
     out = memory.empty((pt.net.num_params,), pt.theta.dtype)
     views = pt.net.unflatten(out)
+    sum_views = None if sums is None else pt.net.unflatten(sums)
     for i in _param_layers(pt):
-        pt.net.layers[i].grad_squares(pt.params[i], pt.caches[i], pt.adjoints[i][None], views[i])
+        pt.net.layers[i].grad_squares(pt.params[i], pt.caches[i], pt.adjoints[i][None], views[i],
+                                      sums=None if sums is None else sum_views[i])
     return out
 
 
@@ -87,9 +91,13 @@ def variance(pt):
     """
     B = pt.outputs.shape[0]
     c = B if pt.loss_fn.reduction == "mean" else 1
-    out = sum_grad_squared(pt)
+    if pt._grad is None:  # Σ_n g_n from the same pass
+        g = memory.empty((pt.net.num_params,), pt.theta.dtype)
+        out = sum_grad_squared(pt, sums=g)
+    else:
+        out = sum_grad_squared(pt)
+        g = _grad_without_l2(pt) if pt.l2 else pt.grad
     out *= out.dtype.type(c * c / B)
-    g = _grad_without_l2(pt) if pt.l2 else pt.grad
     if c != B:
         g = g * g.dtype.type(c / B)
     out -= np.square(g, out=memory.empty(g.shape, g.dtype))

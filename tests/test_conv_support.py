@@ -43,6 +43,10 @@ def test_per_example_quantities_of_a_cnn_match_a_loop_over_examples(kind):
     np.testing.assert_allclose(pt.batch_grad(), per_example, rtol=1e-12, atol=1e-16)
     np.testing.assert_allclose(pt.sum_grad_squared(), (per_example ** 2).sum(axis=0), rtol=1e-12, atol=1e-18)
     np.testing.assert_allclose(pt.batch_l2(), (per_example ** 2).sum(axis=1), rtol=1e-12, atol=1e-18)
+    variance = (6 * per_example).var(axis=0)  # of ∇ℓ_n = B·g_n, example n's own loss (mean reduction)
+    np.testing.assert_allclose(pt.variance(), variance, rtol=1e-10, atol=1e-14)  # Σ_n g_n from the squares' pass
+    pt.grad  # noqa: B018 (the gradient read first: variance takes it instead)
+    np.testing.assert_allclose(pt.variance(), variance, rtol=1e-10, atol=1e-14)
     ggn = np.stack([pt.ggnvp(e) for e in np.eye(net.num_params)], axis=1)
     np.testing.assert_allclose(pt.diag_ggn(), np.diag(ggn), rtol=1e-12, atol=1e-16)
 

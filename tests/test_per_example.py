@@ -116,6 +116,36 @@ def test_variance_of_identical_examples_is_zero(make_problem):
     assert np.max(np.abs(pt.variance())) <= 1e-12 * np.max(pt.grad ** 2) * 25
 
 
+# grad_squares of the layer contract, with adjoints DO_k = scale ⊙ D_k, weights w and the sums variance reads
+GRAD_SQUARES_LAYERS = {
+    "linear": (lambda: hvp.Linear(3, 2), (3,)),
+    "conv": (lambda: hvp.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=1), (2, 3, 4)),
+    "residual": (lambda: hvp.Residual(hvp.Conv2d(2, 2, 3, padding=1), hvp.Tanh(), hvp.Conv2d(2, 2, 1)), (2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("name", list(GRAD_SQUARES_LAYERS))
+def test_grad_squares_and_sums_match_per_example_fd_jacobians(name, weighted):
+    rng = np.random.default_rng(5)
+    make, shape = GRAD_SQUARES_LAYERS[name]
+    net = hvp.Sequential(make())
+    B, K = 3, 2
+    theta, X = rng.normal(size=net.num_params), rng.normal(size=(B,) + shape)
+    O, caches = net.forward_cached(net.unflatten(theta), X)
+    D, scale = rng.normal(size=(K,) + O.shape), rng.normal(size=O.shape)
+    w = rng.normal(size=(K, B)) if weighted else None
+    squares, sums = np.full(net.num_params, np.nan), np.full(net.num_params, np.nan)
+    net.layers[0].grad_squares(net.unflatten(theta)[0], caches[0], D, net.unflatten(squares)[0], scale=scale,
+                               weights=w, sums=net.unflatten(sums)[0])
+    # g_kb = J_bᵀ (scale ⊙ D_k)_b, J_b the finite-difference Jacobian of example b's outputs
+    J = oracles.fd_jacobian(lambda t: net.forward_cached(net.unflatten(t), X)[0], theta).reshape(B, -1, net.num_params)
+    g = np.einsum("bop,kbo->kbp", J, (scale * D).reshape(K, B, -1))
+    w = np.ones((K, B)) if w is None else w
+    np.testing.assert_allclose(sums, np.einsum("kb,kbp->p", w, g), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(squares, np.einsum("kb,kbp->p", w, g ** 2), rtol=1e-7, atol=1e-9)
+
+
 # --------------------------------------------------------------------------- GGN diagonal
 
 

@@ -329,13 +329,14 @@ class Residual:
         """Per-example gradients of f's parameters, each layer's own rule on the adjoint at its output."""
         self._through(p, cache, DO, lambda j, layer, q, c, D: layer.batch_grad(q, c, D, self._sub_views(j, out), rows))
 
-    def grad_squares(self, p, cache, D, out, scale=None, weights=None, need_input=False):
+    def grad_squares(self, p, cache, D, out, scale=None, weights=None, need_input=False, sums=None):
         """``Σ_{k,b} w_kb g_kb²`` of f's parameters for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, …), w (K, B)
-        or None; with ``need_input`` also the block's input adjoint ``DO + f's input adjoint``, formed on the way
-        back through f."""
+        or None, and ``Σ_{k,b} w_kb g_kb`` into ``sums`` if given; with ``need_input`` also the block's input
+        adjoint ``DO + f's input adjoint``, formed on the way back through f."""
         DO = D if scale is None else memory.multiply(D, scale)
         DI = self._through(p, cache, DO, lambda j, layer, q, c, Dj: layer.grad_squares(
-            q, c, Dj, self._sub_views(j, out), weights=weights), need_input)
+            q, c, Dj, self._sub_views(j, out), weights=weights,
+            sums=None if sums is None else self._sub_views(j, sums)), need_input)
         if DI is None:
             return None
         if DO is D:

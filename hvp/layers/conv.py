@@ -195,25 +195,29 @@ class _Conv(PatchProducts):
         if self.bias:
             out["bias"][...] = self._bias_grads(DO[rows])
 
-    def grad_squares(self, p, cache, D, out, scale=None, weights=None, need_input=False):
+    def grad_squares(self, p, cache, D, out, scale=None, weights=None, need_input=False, sums=None):
         """``Σ_{k,b} w_kb (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, O, …), weights w (K, B) or
         None for 1: per-example gradients formed a block of examples at a time (the squares do not factor over
-        positions), the σ′ factor applied per block. Returns None (``need_input``: the caller carries D back)."""
+        positions), the σ′ factor applied per block; ``sums`` (views like ``out``, or None) receive
+        ``Σ_{k,b} w_kb g_kb`` from the same g. Returns None (``need_input``: the caller carries D back)."""
         K, B = D.shape[0], cache["shape"][0]
         D = np.broadcast_to(D, (K, B) + D.shape[2:])  # columns shared by every example
-        for view in out.values():
+        targets = [out] if sums is None else [out, sums]
+        for view in (view for views in targets for view in views.values()):
             view[...] = 0
         for rows in self._blocks(cache, K):
             DO = D[:, rows] if scale is None else D[:, rows] * scale[rows]
-            g2 = np.square(self._example_grads(cache, DO, rows))  # (K, b, O, C/G, *kernel)
-            b2 = np.square(self._bias_grads(DO)) if self.bias else None  # (K, b, O)
-            if weights is not None:
-                w = weights[:, rows]
-                g2 *= w.reshape(w.shape + (1,) * (g2.ndim - 2))
-                b2 = None if b2 is None else b2 * w[..., None]
-            out["weight"] += g2.sum(axis=(0, 1))
+            grads = {"weight": self._example_grads(cache, DO, rows)}  # (K, b, O, C/G, *kernel)
             if self.bias:
-                out["bias"] += b2.sum(axis=(0, 1))
+                grads["bias"] = self._bias_grads(DO)  # (K, b, O)
+            for name, g in grads.items():
+                w = None if weights is None else weights[:, rows].reshape((K, -1) + (1,) * (g.ndim - 2))
+                if sums is not None:
+                    sums[name] += (g if w is None else g * w).sum(axis=(0, 1))
+                g2 = np.square(g, out=g)  # g is ours
+                if w is not None:
+                    g2 *= w
+                out[name] += g2.sum(axis=(0, 1))
 
     def tangent_grad_squares(self, p, cache, dI, DO, DOD, out):
         """``Σ_b g_b²`` for example b's gradient by rules 2 and 4, ``(g_b)_W = DO_b U_bᵀ + Σ_k DOD_kb unfold(İ_kb)ᵀ``

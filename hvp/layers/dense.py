@@ -150,12 +150,19 @@ class Linear:
         if self.bias:
             out["bias"][...] = DO
 
-    def grad_squares(self, p, I, D, out, scale=None, weights=None, need_input=False):
+    def grad_squares(self, p, I, D, out, scale=None, weights=None, need_input=False, sums=None):
         """``Σ_{k,b} w_kb (g_kb)²`` for adjoints ``DO_k = scale ⊙ D_k``, D (K, B or 1, n), w (K, B) or None for 1:
         weight ``(I²)ᵀ Σ_k w_k DO_k²``, bias ``Σ_{k,b} w_k DO_k²`` — one matmul; the σ′ factor ``scale`` (B, n) is
         applied to the squares, and columns shared by every example (D (K, 1, n)) cost one (B, K)·(K, n) product.
+        ``sums`` (views like ``out``, or None) receive ``Σ_{k,b} w_kb g_kb``: rule 2 on ``Σ_k w_k DO_k``.
         Returns None (``need_input``: the caller carries D back)."""
         self.diagonal_squares(p, I, weighted_squares(D, weights, scale, I.shape[0]), out)
+        if sums is not None:
+            DO = D[0] if D.shape[0] == 1 else D.sum(axis=0)
+            if weights is not None:
+                DO = np.einsum("kb,kbn->bn", weights, D)
+            DO = np.broadcast_to(DO, (I.shape[0], DO.shape[-1]))
+            self.backward_params(p, I, DO if scale is None else DO * scale, out=sums)
 
     def diagonal_squares(self, p, I, d, out):
         """``Σ_b diag(J_bᵀ diag(d_b) J_b)`` for a diagonal d (B, n) at the output: weight ``(I²)ᵀ d``, bias ``Σ d``."""
