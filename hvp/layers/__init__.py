@@ -31,9 +31,10 @@ rule                  method                                       shapes
 Layers with parameters may also give per-example pieces (:mod:`hvp.per_example`), from their cache
 and output-side adjoints: ``batch_grad(p, cache, DO, out, rows)`` (the examples ``rows``' gradients
 into views ``out`` of shape (b, *shape)), ``grad_squares(p, cache, D, out, scale=None, weights=None,
-need_input=False, sums=None)`` (``Σ_{k,b} w_kb g_kb²`` for adjoints ``scale ⊙ D_k``, D (K, B or 1, n), weights w (K, B)
-of either sign or None for 1, and ``Σ_{k,b} w_kb g_kb`` into views ``sums`` when given; it returns None, or with
-``need_input`` the input adjoint of ``scale ⊙ D`` where it forms that on the way, as a residual block does) and ``batch_l2(p, cache, DO)`` ((B,)); for losses on input
+need_input=False, sums=None)`` (``Σ_{k,b} w_kb g_kb²`` for adjoints ``scale ⊙ D_k``, D (K, B or 1, n), weights
+w (K, B) of either sign or None for 1, and ``Σ_{k,b} w_kb g_kb`` into views ``sums`` when given; it returns None,
+or with ``need_input`` the input adjoint of ``scale ⊙ D`` where it forms that on the way, as a residual block
+does) and ``batch_l2(p, cache, DO)`` ((B,)); for losses on input
 tangents (:mod:`hvp.input_derivatives`), ``tangent_grad_squares(p, cache, dI, DO, DOD, out)``: ``Σ_b g_b²`` for
 example b's gradient by rules 2 and 4 (DO (B, n), DOD (k, B, n), dI (k, B or 1, m) or None); and
 K-FAC's Kronecker factors (:mod:`hvp.kfac`):

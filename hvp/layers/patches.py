@@ -16,8 +16,11 @@ linearization keeps only the padded input. With stride 1, tap (i, j) reads a con
 padded input flattened per channel, if the output positions are taken on a grid of Ho rows of the padded
 width Wp (``shifted``): its Wp − Wo extra columns per row are dropped from outputs and are zero in
 output-side adjoints, so that they add nothing. Other strides copy strided windows onto Ho·Wo positions.
+A chunk's patches are one copy from a strided view of P with an axis per tap coordinate; with stride 1 its
+fold is one sum over such a view of ``Wᵀ D``, as the taps' offsets are linear in their coordinates.
 """
 
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -85,13 +88,19 @@ class PatchProducts:
 
     def _patches(self, P, geo, rows):
         """The patches of the examples ``rows`` of padded P (K_P, M, G, C/G, flat): (K_P, b, G, J, Ho·Wg), J in
-        the order (tap, channel); formed a few examples at a time, so that they stay in cache."""
-        taps, Cg = list(np.ndindex(*self._kernel)), self.in_channels // self.groups
-        lead = P[..., rows, :, :, :].shape[:-2] if P.shape[-4] > 1 else P.shape[:-2]
-        U = memory.empty(lead + (len(taps), Cg, geo.Ho, geo.Wg), P.dtype)
-        for t, (i, j) in enumerate(taps):
-            U[..., t, :, :, :] = self._window(P, geo, i, j, rows).reshape(lead + (Cg, geo.Ho, geo.Wg))
-        return U.reshape(lead + (-1, geo.Ho * geo.Wg))
+        the order (tap, channel); formed a few examples at a time, so that they stay in cache, in one copy from a
+        view of P that steps over the taps (every tap's window of :meth:`_window` at once)."""
+        (kH, kW), (dH, dW), (sH, sW) = self._kernel, self._dilation, self._stride
+        P = P if P.shape[-4] == 1 else P[..., rows, :, :, :]
+        sC, item = P.strides[-2:]
+        taps = (dH * geo.Wp * item, dW * item)
+        positions = (geo.Ho * geo.Wp,) if geo.shifted else (geo.Ho, geo.Wo)
+        position_strides = (item,) if geo.shifted else (sH * geo.Wp * item, sW * item)
+        view = np.lib.stride_tricks.as_strided(P, P.shape[:-2] + (kH, kW, P.shape[-2]) + positions,
+                                               P.strides[:-2] + taps + (sC,) + position_strides, writeable=False)
+        U = memory.empty(P.shape[:-2] + (kH, kW, P.shape[-2]) + positions, P.dtype)
+        U[...] = view
+        return U.reshape(P.shape[:-2] + (-1, geo.Ho * geo.Wg))
 
     def _map(self, fn, n, per_example):
         """``fn(rows)`` for chunks ``rows`` of the n examples, in order: about ``CHUNK_BYTES`` each, spread over the
@@ -134,9 +143,15 @@ class PatchProducts:
     def _adjoint(self, W, D, geo, summed=False):
         """``fold(Wᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel), output-side
         arrays D (K_D, M, O, [Ho,] Wo) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
-        Wt, (K_D, M) = np.swapaxes(self._tap_weights(W), -1, -2)[:, None], D.shape[:2]
-        Cg = self.in_channels // self.groups
-        K = max(K_D, W.shape[0])
+        Wt = np.swapaxes(self._tap_weights(W), -1, -2)[:, None]
+        K = max(D.shape[0], W.shape[0])
+        fold = self._fold_shifted if geo.shifted else self._fold_windows
+        out = fold(Wt, D, geo, K, summed)  # (K or 1, M, G, C/G, H, W)
+        return out.reshape((-1, self.in_channels) + (geo.H, geo.W)[2 - self.spatial:])
+
+    def _fold_windows(self, Wt, D, geo, K, summed):
+        """:meth:`_adjoint` for any stride: each tap's rows of ``Wᵀ D`` added onto its window of the padded input."""
+        M, Cg = D.shape[1], self.in_channels // self.groups
         P = memory.zeros((1 if summed else K, M, self.groups, Cg, geo.flat), D.dtype)
 
         def chunk(rows):
@@ -148,10 +163,42 @@ class PatchProducts:
                 window = self._window(P, geo, i, j, rows)
                 window += E[..., t, :, :].reshape(window.shape)
 
-        self._map(chunk, M, self._patch_bytes(K, 2 * K_D, self.out_channels, geo, D.itemsize))
-        (pH, pW), C = self._padding, self.in_channels
-        grid = P[..., :geo.Hp * geo.Wp].reshape((-1, C, geo.Hp, geo.Wp))[:, :, pH:pH + geo.H, pW:pW + geo.W]
-        return memory.copy(grid).reshape((-1, C) + (geo.H, geo.W)[2 - self.spatial:])
+        self._map(chunk, M, self._patch_bytes(K, 2 * D.shape[0], self.out_channels, geo, D.itemsize))
+        (pH, pW) = self._padding
+        grid = P[..., :geo.Hp * geo.Wp].reshape(P.shape[:4] + (geo.Hp, geo.Wp))
+        return memory.copy(grid[..., pH:pH + geo.H, pW:pW + geo.W])
+
+    def _fold_shifted(self, Wt, D, geo, K, summed):
+        """:meth:`_adjoint` for stride 1, in one sum per chunk: input position q of the padded grid gets
+        ``Σ_taps E_tap[q − offset_tap]``, the rows of ``E = Wᵀ D`` read through a view with one axis per tap
+        coordinate (offsets are linear in them). Each row of E has zeros around it, written once per thread, where
+        the view reads outside it."""
+        (kH, kW), (dH, dW), (pH, pW) = self._kernel, self._dilation, self._padding
+        M, G, Cg, Wp, L = D.shape[1], self.groups, self.in_channels // self.groups, geo.Wp, geo.Ho * geo.Wp
+        first, last = pH * Wp + pW, (pH + geo.H - 1) * Wp + pW + geo.W - 1  # the input's positions in the grid
+        left = max(0, (kH - 1) * dH * Wp + (kW - 1) * dW - first)
+        width = left + max(L, last + 1)
+        out = memory.empty((1 if summed else K, M, G, Cg, geo.H, geo.W), D.dtype)
+        buffers = {}  # thread -> rows of E with their zeros around, (K, b, G, J, width)
+
+        def chunk(rows):
+            b = rows.stop - rows.start
+            E = buffers.get(threading.get_ident())
+            if E is None or E.shape[1] < b:
+                E = buffers[threading.get_ident()] = memory.zeros((K, b, G, self.fan_in, width), D.dtype)
+            E = E[:, :b]
+            np.matmul(Wt, self._grid(D[:, rows], geo), out=E[..., left:left + L])
+            if summed and K > 1:
+                E = E.sum(axis=0, keepdims=True)
+            sK, sb, sG, sJ, item = E.strides
+            sT = Cg * sJ  # from one tap to the next
+            view = np.lib.stride_tricks.as_strided(
+                E[0, 0, 0, 0, left + first:], (E.shape[0], b, G, kH, kW, Cg, geo.H, geo.W),
+                (sK, sb, sG, kW * sT - dH * Wp * item, sT - dW * item, sJ, Wp * item, item), writeable=False)
+            np.sum(view, axis=(3, 4), out=out[:, rows])
+
+        self._map(chunk, M, self._patch_bytes(K, 2 * D.shape[0], self.out_channels, geo, D.itemsize))
+        return out
 
     def _correlate(self, D, P, geo, rows=slice(None), per_example=False):
         """``D Uᵀ``, the adjoint of :meth:`_apply` in its weights: output-side arrays D (K_D, b, O, [Ho,] Wo) of the
