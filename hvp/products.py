@@ -23,6 +23,7 @@ from ._checks import (
     real_array,
 )
 from .diag_hessian import diag_hessian as _diag_hessian
+from .layers.second_order import backward_with_cross_terms
 from .penalty import add_l2, l2_value
 
 
@@ -160,19 +161,10 @@ class Linearization:
         RDO = self.loss_fn.hessian_vp(self.loss_cache, dO)
         out = memory.empty(V.shape, V.dtype)
         views = self.net.unflatten_columns(out)
-        for i in reversed(range(len(self.net.layers))):
-            layer, p, cache = self.net.layers[i], self.params[i], self.caches[i]
-            layer.backward_params(p, cache, RDO, out=views[i])
-            DI_cross = None
-            if exact:  # rule 4's σ″ and Ẇ/İ cross terms, with DOD = δ at this layer's output
-                DI_cross, g_cross = layer.tangent_backward(p, cache, tangent_inputs[i], dps[i] or None,
-                                                           self.adjoints[i], need_input=i > 0)
-                for name, g in (g_cross or {}).items():
-                    views[i][name] += g
-            if i > 0:
-                RDO = layer.backward_input(p, cache, RDO)
-                if DI_cross is not None:
-                    RDO += DI_cross
+        for i in reversed(range(len(self.net.layers))):  # rule 4's cross terms with DOD = δ at each output
+            RDO = backward_with_cross_terms(self.net.layers[i], self.params[i], self.caches[i], tangent_inputs[i],
+                                            dps[i] or None, RDO, self.adjoints[i] if exact else None, views[i],
+                                            need_input=i > 0)
         add_l2(out, V, self.weight_mask, self.l2)
         return out[:, 0] if was_vector else out
 

@@ -4,6 +4,7 @@ import numpy as np
 
 from .. import memory
 from .._checks import check_inputs, check_instance, check_seed, check_theta, describe
+from .second_order import backward_with_cross_terms
 
 
 def _check_layers(owner, layers):
@@ -396,6 +397,26 @@ class Residual:
         if dI is None or dF is None:
             return dF if dI is None else dI
         return dI + dF
+
+    def backward_with_cross_terms(self, p, cache, dI, dp, RDO, DOD, out, need_input):
+        """Rules 2 and 4 together (:mod:`hvp.layers.second_order`): RDO and f's cross terms go back through f in one
+        pass, each layer of f taking its own step with the δ at its output (kept by the gradient's pass); the
+        identity path adds RDO to the input adjoint."""
+        params, caches, dps = self._split(p), cache["caches"], self._split(dp)
+        inputs, kept = [None] * len(self.layers), None
+        if DOD is not None:  # f's input tangents and δs, for the cross terms
+            done = cache.pop("inner_tangents", None)
+            same = done is not None and done[0] is dI and done[1] is dp
+            inputs = done[2] if same else self._inner_tangents(p, cache, dI, dp)[0]
+            kept = self._kept(cache, DOD)
+        S = RDO
+        for j in reversed(range(len(self.layers))):
+            q = params[j] or {}
+            S = backward_with_cross_terms(self.layers[j], q, caches[j], inputs[j], dps[j], S, DOD,
+                                          self._sub_views(j, out), need_input or j > 0)
+            if DOD is not None and j > 0:
+                DOD = kept[j - 1] if kept is not None else self.layers[j].backward_input(q, caches[j], DOD)
+        return RDO + S if need_input else None
 
     def tangent_backward(self, p, cache, dI, dp, DOD, need_input=True, summed=False):
         """Rule 4 cross terms of f (the identity path has none): per layer of f, its own cross terms with the
