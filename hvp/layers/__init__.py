@@ -2,8 +2,10 @@
 
 One module per family: :mod:`~hvp.layers.dense` (Linear), :mod:`~hvp.layers.conv` (Conv1d,
 Conv2d), :mod:`~hvp.layers.pooling` (max and average pooling, Flatten),
-:mod:`~hvp.layers.activations` (elementwise), :mod:`~hvp.layers.composition` (Sequential,
-Residual); :mod:`~hvp.layers.windows` holds the sliding windows that convolutions and pooling share.
+:mod:`~hvp.layers.activations` (elementwise), :mod:`~hvp.layers.composition` (Sequential),
+:mod:`~hvp.layers.residual` (Residual); :mod:`~hvp.layers.windows` holds the sliding windows that convolutions
+and pooling share, :mod:`~hvp.layers.second_order` the step of a Hessian product's backward pass that rules 2
+and 4 make together.
 
 Arrays are batch first; a block of k directions adds a leading axis k to tangents and
 adjoints, so that each direction is one ordinary batch and k directions cost k matrix products
@@ -82,10 +84,11 @@ example (directions given at the input, with dp None). ``tangent`` and
 """
 
 from .activations import ELU, Elementwise, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Softsign, Tanh
-from .composition import Residual, Sequential
+from .composition import Sequential
 from .conv import Conv1d, Conv2d
 from .dense import Linear
 from .pooling import AvgPool1d, AvgPool2d, Flatten, MaxPool1d, MaxPool2d
+from .residual import Residual
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "Flatten",
            "Elementwise", "ELU", "Identity", "LeakyReLU", "ReLU", "Sigmoid", "Softplus", "Softsign", "Tanh",
