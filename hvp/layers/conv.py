@@ -21,6 +21,7 @@ import numpy as np
 
 from .._checks import check_bool
 from .patches import PatchProducts
+from .second_order import rules_apart
 from .windows import positive_ints, window_geometry
 
 
@@ -171,6 +172,27 @@ class _Conv(PatchProducts):
             W = self._correlate(DOD, P, geo)
             grads = {"weight": W[0] if summed else np.moveaxis(W, 0, -1)}
         return DI, grads
+
+    def backward_with_cross_terms(self, p, cache, dI, dp, RDO, DOD, out, need_input):
+        """Rules 2 and 4 together (:mod:`hvp.layers.second_order`); when both input adjoints are wanted, one fold
+        ``fold([W; Ẇ_k]ᵀ [RDO_k; DOD])``, the pairs stacked along each group's output channels, where apart
+        they make two passes over the patch-sized ``Wᵀ D``."""
+        both = need_input and DOD is not None and dp is not None
+        RDI = rules_apart(self, p, cache, dI, dp, RDO, DOD, out, need_input and not both)
+        if not both:
+            return RDI
+        G = self.groups
+        dW = np.moveaxis(dp["weight"], -1, 0)  # (k, O, C/G, *kernel)
+        W = np.broadcast_to(p["weight"], dW.shape)
+        D = np.broadcast_to(DOD, RDO.shape)
+
+        def pair(a, b, axis):  # stacked along axis's groups of O/G channels
+            split = a.shape[:axis] + (G, -1) + a.shape[axis + 1:]
+            stacked = np.concatenate([a.reshape(split), b.reshape(split)], axis=axis + 1)
+            return stacked.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 1:])
+
+        RDI = self._adjoint(pair(W, dW, 1), pair(RDO, D, 2), cache["geo"])
+        return RDI.reshape(RDO.shape[:2] + tuple(cache["shape"][1:]))
 
     # -- per-example pieces (hvp.per_example) ------------------------------------------------------
 

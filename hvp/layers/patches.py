@@ -58,7 +58,7 @@ class PatchProducts:
     def _tap_weights(self, W):
         """Weights (K, O, C/G, *kernel) -> (K, G, O/G, J), J = kH·kW·(C/G) in the patches' order (taps first)."""
         G, Cg = self.groups, self.in_channels // self.groups
-        W = W.reshape((W.shape[0], G, self.out_channels // G, Cg, -1))
+        W = W.reshape((W.shape[0], G, W.shape[1] // G, Cg, -1))  # W.shape[1]: out_channels, or more (stacked)
         return np.swapaxes(W, -1, -2).reshape(W.shape[:3] + (-1,))
 
     def _from_tap_weights(self, W):
@@ -115,7 +115,7 @@ class PatchProducts:
         """A chunk's output-side arrays D (K, b, O, [Ho,] Wo) on the grid of output positions, zero in its dropped
         columns: (K, b, G, O/G, Ho·Wg)."""
         K, b, G = D.shape[0], D.shape[1], self.groups
-        D = D.reshape((K, b, G, self.out_channels // G, geo.Ho, geo.Wo))
+        D = D.reshape((K, b, G, D.shape[2] // G, geo.Ho, geo.Wo))
         if geo.Wg != geo.Wo:
             Z = memory.zeros(D.shape[:-1] + (geo.Wg,), D.dtype)
             Z[..., :geo.Wo] = D
@@ -142,7 +142,8 @@ class PatchProducts:
 
     def _adjoint(self, W, D, geo, summed=False):
         """``fold(Wᵀ D)``, the adjoint of :meth:`_apply` in its inputs: weights W (K_W, O, C/G, *kernel), output-side
-        arrays D (K_D, M, O, [Ho,] Wo) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K."""
+        arrays D (K_D, M, O, [Ho,] Wo) -> (K·M, C, [H,] W), or (M, C, [H,] W) summed over K. O may also be a
+        multiple of the output channels: pairs of weights and adjoints stacked per group, summed by the fold."""
         Wt = np.swapaxes(self._tap_weights(W), -1, -2)[:, None]
         K = max(D.shape[0], W.shape[0])
         fold = self._fold_shifted if geo.shifted else self._fold_windows
@@ -163,7 +164,7 @@ class PatchProducts:
                 window = self._window(P, geo, i, j, rows)
                 window += E[..., t, :, :].reshape(window.shape)
 
-        self._map(chunk, M, self._patch_bytes(K, 2 * D.shape[0], self.out_channels, geo, D.itemsize))
+        self._map(chunk, M, self._patch_bytes(K, 2 * D.shape[0], D.shape[2], geo, D.itemsize))
         (pH, pW) = self._padding
         grid = P[..., :geo.Hp * geo.Wp].reshape(P.shape[:4] + (geo.Hp, geo.Wp))
         return memory.copy(grid[..., pH:pH + geo.H, pW:pW + geo.W])
@@ -197,7 +198,7 @@ class PatchProducts:
                 (sK, sb, sG, kW * sT - dH * Wp * item, sT - dW * item, sJ, Wp * item, item), writeable=False)
             np.sum(view, axis=(3, 4), out=out[:, rows])
 
-        self._map(chunk, M, self._patch_bytes(K, 2 * D.shape[0], self.out_channels, geo, D.itemsize))
+        self._map(chunk, M, self._patch_bytes(K, 2 * D.shape[0], D.shape[2], geo, D.itemsize))
         return out
 
     def _correlate(self, D, P, geo, rows=slice(None), per_example=False):

@@ -2,7 +2,8 @@
 
 Every layer gets this step from its ``backward_params``, ``tangent_backward`` and ``backward_input``. A layer whose
 two rules would repeat work when called apart gives its own ``backward_with_cross_terms(p, cache, dI, dp, RDO, DOD,
-out, need_input)`` instead: a residual block carries ``RDO`` and its cross terms back through f in one pass.
+out, need_input)`` instead: a residual block carries ``RDO`` and its cross terms back through f in one pass, a
+convolution folds both input adjoints at once.
 """
 
 
@@ -33,6 +34,12 @@ def backward_with_cross_terms(layer, p, cache, dI, dp, RDO, DOD, out, need_input
     own = getattr(layer, "backward_with_cross_terms", None)
     if own is not None:
         return own(p, cache, dI, dp, RDO, DOD, out, need_input)
+    return rules_apart(layer, p, cache, dI, dp, RDO, DOD, out, need_input)
+
+
+def rules_apart(layer, p, cache, dI, dp, RDO, DOD, out, need_input):
+    """:func:`backward_with_cross_terms` from the layer's ``backward_params``, ``tangent_backward`` and
+    ``backward_input``, called one after the other."""
     layer.backward_params(p, cache, RDO, out=out)
     cross = None
     if DOD is not None:
