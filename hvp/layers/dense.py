@@ -158,9 +158,10 @@ class Linear:
         Returns None (``need_input``: the caller carries D back)."""
         self.diagonal_squares(p, I, weighted_squares(D, weights, scale, I.shape[0]), out)
         if sums is not None:
-            DO = D[0] if D.shape[0] == 1 else D.sum(axis=0)
             if weights is not None:
                 DO = np.einsum("kb,kbn->bn", weights, D)
+            else:
+                DO = D[0] if D.shape[0] == 1 else D.sum(axis=0)
             DO = np.broadcast_to(DO, (I.shape[0], DO.shape[-1]))
             self.backward_params(p, I, DO if scale is None else DO * scale, out=sums)
 

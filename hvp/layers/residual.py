@@ -18,7 +18,9 @@ class Residual:
     ``DI = DO + f's backward of DO``, and f's rule-4 cross terms (the identity has none).
     ``backward_params`` runs f's backward once and leaves its input adjoint for the
     ``backward_input`` call with the same DO that follows it in a backward pass; ``tangent``
-    leaves f's inner tangents for ``tangent_backward`` alike.
+    leaves f's inner tangents for ``tangent_backward`` or ``backward_with_cross_terms`` alike. A Hessian
+    product's backward step (``backward_with_cross_terms``) carries its adjoint and f's cross terms through f
+    in one pass.
     """
 
     def __init__(self, *layers):
@@ -196,8 +198,8 @@ class Residual:
         return inputs, X
 
     def tangent(self, p, cache, dI, dp):
-        """Rule 3: ``Ȯ = İ + ḟ(İ, ṗ)``; f's inner tangents are left for the ``tangent_backward`` call with
-        the same İ and ṗ that may follow in a second-order pass."""
+        """Rule 3: ``Ȯ = İ + ḟ(İ, ṗ)``; f's inner tangents are left for the ``tangent_backward`` or
+        ``backward_with_cross_terms`` call with the same İ and ṗ that may follow in a second-order pass."""
         inputs, dF = self._inner_tangents(p, cache, dI, dp)
         cache["inner_tangents"] = (dI, dp, inputs)
         if dI is None or dF is None:
