@@ -31,7 +31,12 @@ def main(argv=None):
     args = training_options(__doc__, 8.0, "cnn_digits.png").parse_args(argv)
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-    threadpool_limits(args.threads)
+    with threadpool_limits(args.threads):  # for this run only: the caller's setting comes back after it
+        run(args)
+
+
+def run(args):
+    """Train, print the table and save the plot, for the parsed command-line arguments."""
     X_train, y_train, X_test, y_test = load_digits_split(args.seed)
     X_train, X_test = X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8)
     net, loss = cnn(), hvp.CrossEntropyLoss()

@@ -145,8 +145,12 @@ def main(argv=None):
     # each other and slow scipy's L-BFGS-B four-fold. One thread each is fair to all and fastest here.
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-    threadpool_limits(args.threads)
+    with threadpool_limits(args.threads):  # for this run only: the caller's setting comes back after it
+        run(args)
 
+
+def run(args):
+    """Train, print the table and save the plot, for the parsed command-line arguments."""
     X_train, y_train, X_test, y_test = load_digits_split(args.seed)
     net = mlp([X_train.shape[1], *args.hidden, 10])
     loss = hvp.CrossEntropyLoss()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hvp import threads
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # (script, arguments, text the output must contain); scikit-learn examples need the digits data.
@@ -36,6 +38,7 @@ def test_example_runs(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setattr(sys, "argv", [script, *args])
+    blas_threads = threads.blas_threads()
     if name == "gradient_noise":
         namespace = runpy.run_path(str(EXAMPLES / script))
         namespace["main"](epochs=1)
@@ -43,3 +46,4 @@ def test_example_runs(name, tmp_path, monkeypatch, capsys):
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     out = capsys.readouterr().out
     assert expected in out, out
+    assert threads.blas_threads() == blas_threads  # an example's thread limit ends with it
