@@ -53,10 +53,9 @@ def sum_grad_squared(pt, sums=None):
     With ``sums`` (P,), ``Σ_n g_n`` is written there too: a convolution sums the g_n it forms anyway."""
     out = memory.empty((pt.net.num_params,), pt.theta.dtype)
     views = pt.net.unflatten(out)
-    sum_views = None if sums is None else pt.net.unflatten(sums)
+    sum_views = [None] * len(views) if sums is None else pt.net.unflatten(sums)
     for i in _param_layers(pt):
-        pt.net.layers[i].grad_squares(pt.params[i], pt.caches[i], pt.adjoints[i][None], views[i],
-                                      sums=None if sums is None else sum_views[i])
+        pt.net.layers[i].grad_squares(pt.params[i], pt.caches[i], pt.adjoints[i][None], views[i], sums=sum_views[i])
     return out
 
 

@@ -224,9 +224,9 @@ class _Conv(PatchProducts):
         ``Σ_{k,b} w_kb g_kb`` from the same g. Returns None (``need_input``: the caller carries D back)."""
         K, B = D.shape[0], cache["shape"][0]
         D = np.broadcast_to(D, (K, B) + D.shape[2:])  # columns shared by every example
-        targets = [out] if sums is None else [out, sums]
-        for view in (view for views in targets for view in views.values()):
-            view[...] = 0
+        for views in (out, sums or {}):
+            for view in views.values():
+                view[...] = 0
         for rows in self._blocks(cache, K):
             DO = D[:, rows] if scale is None else D[:, rows] * scale[rows]
             grads = {"weight": self._example_grads(cache, DO, rows)}  # (K, b, O, C/G, *kernel)

@@ -206,6 +206,14 @@ class Residual:
             return dF if dI is None else dI
         return dI + dF
 
+    def _left_tangents(self, p, cache, dI, dp):
+        """The tangents at f's layers' inputs that :meth:`tangent` left in the cache for this İ and ṗ (taken out),
+        else formed again."""
+        done = cache.pop("inner_tangents", None)
+        if done is not None and done[0] is dI and done[1] is dp:
+            return done[2]
+        return self._inner_tangents(p, cache, dI, dp)[0]
+
     def backward_with_cross_terms(self, p, cache, dI, dp, RDO, DOD, out, need_input):
         """Rules 2 and 4 together (:mod:`hvp.layers.second_order`): RDO and f's cross terms go back through f in one
         pass, each layer of f taking its own step with the δ at its output (kept by the gradient's pass); the
@@ -213,10 +221,7 @@ class Residual:
         params, caches, dps = self._split(p), cache["caches"], self._split(dp)
         inputs, kept = [None] * len(self.layers), None
         if DOD is not None:  # f's input tangents and δs, for the cross terms
-            done = cache.pop("inner_tangents", None)
-            same = done is not None and done[0] is dI and done[1] is dp
-            inputs = done[2] if same else self._inner_tangents(p, cache, dI, dp)[0]
-            kept = self._kept(cache, DOD)
+            inputs, kept = self._left_tangents(p, cache, dI, dp), self._kept(cache, DOD)
         S = RDO
         for j in reversed(range(len(self.layers))):
             q = params[j] or {}
@@ -230,9 +235,7 @@ class Residual:
         """Rule 4 cross terms of f (the identity path has none): per layer of f, its own cross terms with the
         DOD backpropagated to its output, and the primal adjoint R they start carried back through f."""
         params, caches, dps = self._split(p), cache["caches"], self._split(dp)
-        done = cache.pop("inner_tangents", None)
-        same = done is not None and done[0] is dI and done[1] is dp
-        inputs = done[2] if same else self._inner_tangents(p, cache, dI, dp)[0]
+        inputs = self._left_tangents(p, cache, dI, dp)
         grads, R, DOD_out = {}, None, DOD
         for j in reversed(range(len(self.layers))):
             layer, q = self.layers[j], params[j] or {}
