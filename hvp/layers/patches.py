@@ -117,7 +117,8 @@ class PatchProducts:
         K, b, G = D.shape[0], D.shape[1], self.groups
         D = D.reshape((K, b, G, D.shape[2] // G, geo.Ho, geo.Wo))
         if geo.Wg != geo.Wo:
-            Z = memory.zeros(D.shape[:-1] + (geo.Wg,), D.dtype)
+            Z = memory.empty(D.shape[:-1] + (geo.Wg,), D.dtype)
+            Z[..., geo.Wo:] = 0
             Z[..., :geo.Wo] = D
             D = Z
         return D.reshape(D.shape[:4] + (-1,))
