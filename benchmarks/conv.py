@@ -5,8 +5,8 @@ MaxPool2d(2) Flatten Linear 400-120-84-10 with ReLU) and a small ResNet-style ne
 (Conv2d(3,16,3,padding=1) ReLU, two residual blocks x + conv(relu(conv(x))) each followed by
 ReLU, AvgPool2d(8), Flatten, Linear(256,10)); batch 128, inputs ~ N(0, 1), random labels,
 softmax cross-entropy (mean), float32. The torch models get the same parameters, and the run
-stops unless outputs, loss and gradient agree. Timed side by side in one run (every repeat
-calls each function once; medians):
+stops unless outputs, loss and gradient agree. Timed side by side in one run, library by
+library with a pause between them (``common.rounds``; medians):
 
 - gradient: ``hvp.loss_and_grad``; PyTorch forward + backward.
 - linearize + hvp (once): PyTorch's double backward, ``grad(loss, create_graph=True)`` then the grad of g·v.

@@ -9,7 +9,7 @@ spectral density (SLQ, 10 probes × 80 steps), each with its matvec count. PyHes
 defaults) and Hutchinson trace (100 probes: tol=0 so that it never stops early) on the same
 network, weights and batch; when the package cannot be imported, a minimal
 reimplementation of those two documented algorithms in torch runs instead and is labelled
-so. Medians of interleaved repeats, measured side by side in this one run.
+so. Medians of rounds, measured side by side in this one run (``common.rounds``).
 
     python benchmarks/curvature.py [--repeats 3] [--threads 2] [--pyhessian package|reimplemented|none]
         [--reuse-freed-memory]
@@ -18,7 +18,6 @@ so. Medians of interleaved repeats, measured side by side in this one run.
 import argparse
 import os
 import sys
-import time
 import warnings
 
 import common
@@ -27,18 +26,10 @@ from common import BATCH, WIDTHS
 
 
 def median_seconds(fns, repeats, warmup=1):
-    """Median wall time and last result of each callable, timed in interleaved rounds."""
+    """Median wall time (:func:`common.rounds`) and last result of each callable."""
     results = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            results[name] = fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}, results
+    keep = {key: (lambda key=key, fn=fn: results.__setitem__(key, fn())) for key, fn in fns.items()}
+    return common.median_seconds(keep, repeats, warmup), results
 
 
 # -- PyHessian ------------------------------------------------------------------------
@@ -240,7 +231,7 @@ def main():
     net, theta, X, y = common.problem()
     print(f"MLP {'-'.join(map(str, WIDTHS))} tanh, batch {BATCH}, float32, P = {net.num_params}; "
           f"{common.cpu_name()}, {os.cpu_count()} cores, {memory}, "
-          f"medians of {args.repeats} interleaved repeats\n")
+          f"medians of {args.repeats} rounds\n")
     H, fast, slow = ours(net, theta, X, y)
     fns = {("hvp", name): fn for name, fn in fast.items()}
     peer = None

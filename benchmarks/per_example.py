@@ -15,7 +15,6 @@ line checks that both libraries computed the same numbers.
 
 import argparse
 import os
-import time
 import warnings
 
 import common
@@ -85,30 +84,6 @@ def limit_blas_threads(threads):
     return True
 
 
-def rounds(libraries, repeats, warmup=2):
-    """Seconds per call, one array per (library, name); each round calls every function once.
-
-    Within a round each library's functions run in a fresh random order (no function always
-    follows the same one), with a pause between libraries so that the worker threads of one
-    (OpenBLAS, OpenMP) have gone to sleep before the other runs, and an untimed call of the
-    library's first function to wake its own threads up.
-    """
-    rng = np.random.default_rng(0)
-    times = {(lib, key): [] for lib, fns in libraries.items() for key in fns}
-    for r in range(warmup + repeats):
-        for lib, fns in libraries.items():
-            time.sleep(0.2)
-            keys = list(fns)
-            if keys:
-                fns[keys[0]]()
-            for key in [keys[j] for j in rng.permutation(len(keys))]:
-                t0 = time.perf_counter()
-                fns[key]()
-                if r >= warmup:
-                    times[lib, key].append(time.perf_counter() - t0)
-    return {key: np.array(t) for key, t in times.items()}
-
-
 def backpack_as_ours(model, attr):
     """A BackPACK result laid out as ours: flat (P,), per-example rows (B, P), or (B,) for batch_l2."""
     parts = []
@@ -153,7 +128,9 @@ def main():
     mine = ours(net, theta, X, y)
     theirs = backpack_setup(net, theta, X, y, args.threads)
     theirs = theirs or {}
-    t = rounds({"hvp": mine, "BackPACK": theirs}, args.repeats)
+    libraries = {"hvp": mine, "BackPACK": theirs}
+    t = common.rounds({(lib, key): fn for lib, fns in libraries.items() for key, fn in fns.items()},
+                      args.repeats, warmup=2)
     mem = {k: common.numpy_peak_bytes(f) for k, f in mine.items()}
     their_mem = {k: common.torch_peak_bytes(f) for k, f in theirs.items()}
 

@@ -1,7 +1,8 @@
 """Time hvp's products against the gradient, and against PyTorch and JAX on the identical problem.
 
 MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 and
-float64. Prints medians and ratios measured side by side in this one run; PyTorch and
+float64. Prints medians and ratios measured side by side in this one run (library by library,
+``common.rounds``); PyTorch and
 JAX rows appear when they are installed. Then a block of 16 directions against its columns
 one by one (16 different vectors) and against 16 times one product (one vector, warm in cache) at
 batches 8, 32 and 256, and the peak memory of each product: tracemalloc for hvp (its pool
@@ -12,32 +13,10 @@ of buffers emptied first), torch's profiler, XLA's memory analysis of the compil
 
 import argparse
 import os
-import time
 
 import common
 import numpy as np
 from common import BATCH, WIDTHS
-
-
-def median_seconds(fns, repeats, rounds=5, warmup=3):
-    """Median wall time of each callable.
-
-    Each callable runs ``repeats // rounds`` times in a row (thread pools and caches warm, as in
-    real use), and the rounds cycle through all callables, so that drift in the machine's load
-    hits every one alike.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(max(1, repeats // rounds)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
 
 BLOCK_BATCHES = (8, 32, 256)
 K = 16  # directions in a block
@@ -188,7 +167,7 @@ def main():
         providers = {"hvp": ours(dtype), "PyTorch": torch_products(dtype, args.threads), "JAX": jax_fns}
         fns = {(who, key): fn for who, table in providers.items() if table for key, fn in table.items()}
         fns.update({("blocks", key): fn for key, fn in blocks(dtype).items()})
-        times = median_seconds(fns, args.repeats)
+        times = common.median_seconds(fns, args.repeats, warmup=3)
         ours_t = {key: t for (who, key), t in times.items() if who == "hvp"}
         peers = {who: {key: t for (w, key), t in times.items() if w == who}
                  for who, table in providers.items() if table and who != "hvp"}
