@@ -64,37 +64,37 @@ def cpu_name():
 SETTLE_SECONDS = 0.2  # longer than OpenBLAS's workers spin after a threaded call (2^28 cycles), and OpenMP's
 
 
-def rounds(fns, repeats, warmup=1, clock=time.perf_counter, settle=SETTLE_SECONDS, seed=0):
+def rounds(fns, repeats, burst=3, clock=time.perf_counter, settle=SETTLE_SECONDS, seed=0):
     """Seconds per call of each function: ``{key: array (repeats,)}``, keys ``(library, name)`` (or plain names,
     one library).
 
-    Each round runs every library's functions once, library after library. Before a library's turn the run
-    pauses ``settle`` seconds, so that the worker threads of the library before it (OpenBLAS's spin about
-    0.1 s after a threaded call, OpenMP's alike) have gone to sleep and do not take cores from it, and makes
-    an untimed call of its first function to wake its own threads. Within a library the functions run in a
-    fresh random order each round. Rounds before ``warmup`` are not kept.
+    Calls come in bursts: one untimed call, then ``burst`` timed ones in a row, as a function runs in real use
+    (caches and its library's threads warm). A round runs a burst of every function, library after library,
+    the functions of a library in a fresh random order; before each library's turn the run pauses ``settle``
+    seconds, so that the worker threads of the library before it (OpenBLAS's spin about 0.1 s after a
+    threaded call, OpenMP's alike) have gone to sleep instead of taking cores from it.
     """
     libraries = {}
     for key, fn in fns.items():
         libraries.setdefault(key[0] if isinstance(key, tuple) else None, {})[key] = fn
     rng = np.random.default_rng(seed)
     times = {key: [] for key in fns}
-    for r in range(warmup + repeats):
+    for _ in range(-(-repeats // burst)):
         for table in libraries.values():
             time.sleep(settle)
             keys = list(table)
-            table[keys[0]]()
             for key in [keys[j] for j in rng.permutation(len(keys))]:
-                start = clock()
                 table[key]()
-                if r >= warmup:
+                for _ in range(burst):
+                    start = clock()
+                    table[key]()
                     times[key].append(clock() - start)
-    return {key: np.array(t) for key, t in times.items()}
+    return {key: np.array(t[:repeats]) for key, t in times.items()}
 
 
-def median_seconds(fns, repeats, warmup=1, clock=time.perf_counter):
+def median_seconds(fns, repeats, clock=time.perf_counter):
     """Median seconds per call of each function, timed by :func:`rounds`."""
-    return {key: float(np.median(t)) for key, t in rounds(fns, repeats, warmup, clock).items()}
+    return {key: float(np.median(t)) for key, t in rounds(fns, repeats, clock=clock).items()}
 
 
 def torch_peak_bytes(fn):

@@ -4,7 +4,8 @@ MLP 784-512-256-10 with tanh, batch 256, cross-entropy (mean) + 0.1 × Jacobian 
 k random directions, shared by all examples or given per example (the same directions
 repeated, so only the layout differs). PyTorch: ``torch.func.grad`` of the loss with its
 tangents from ``torch.func.jvp`` (one per direction). Medians, timed side by side in
-this one run, library by library (``common.rounds``). On a loaded machine use ``--threads 1 --cpu-time`` (CPU time of this process).
+this one run, library by library (``common.rounds``). On a loaded machine use
+``--threads 1 --cpu-time`` (CPU time of this process).
 
     python benchmarks/input_derivatives.py [--repeats 21] [--threads 2] [--dtype float64] [--cpu-time]
         [--reuse-freed-memory]

@@ -130,7 +130,7 @@ def main():
     theirs = theirs or {}
     libraries = {"hvp": mine, "BackPACK": theirs}
     t = common.rounds({(lib, key): fn for lib, fns in libraries.items() for key, fn in fns.items()},
-                      args.repeats, warmup=2)
+                      args.repeats)
     mem = {k: common.numpy_peak_bytes(f) for k, f in mine.items()}
     their_mem = {k: common.torch_peak_bytes(f) for k, f in theirs.items()}
 

@@ -167,7 +167,7 @@ def main():
         providers = {"hvp": ours(dtype), "PyTorch": torch_products(dtype, args.threads), "JAX": jax_fns}
         fns = {(who, key): fn for who, table in providers.items() if table for key, fn in table.items()}
         fns.update({("blocks", key): fn for key, fn in blocks(dtype).items()})
-        times = common.median_seconds(fns, args.repeats, warmup=3)
+        times = common.median_seconds(fns, args.repeats)
         ours_t = {key: t for (who, key), t in times.items() if who == "hvp"}
         peers = {who: {key: t for (w, key), t in times.items() if w == who}
                  for who, table in providers.items() if table and who != "hvp"}
