@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_kfac_trains_and_resumes, loop_grads
 
 import hvp
+from hvp.layers.second_order import rules_apart
 
 
 def block_net():
@@ -105,6 +106,19 @@ def test_hvp_ggnvp_jvp_vjp_against_dense_oracles(case):
     np.testing.assert_allclose(pt.vjp(U), J.T @ U.ravel(), rtol=1e-6, atol=1e-9)
     for j in range(3):  # a block of directions = the single products
         np.testing.assert_allclose(pt.hvp(V)[:, j], pt.hvp(V[:, j]), rtol=1e-12, atol=1e-14)
+
+
+def test_rules_taken_apart_give_the_same_hessian_product(case, monkeypatch):
+    """A block's tangent_backward with the gradient's δ (the cross terms of a Hessian product, which reuses the
+    adjoints inside f that the gradient's pass kept) against the finite-difference Hessian, where products
+    otherwise take the block's own backward_with_cross_terms."""
+    net, theta, X, y = case
+    loss = hvp.CrossEntropyLoss()
+    monkeypatch.setattr(hvp.products, "backward_with_cross_terms", rules_apart)
+    pt = hvp.linearize(net, loss, theta, X, y)
+    V = np.random.default_rng(0).normal(size=(net.num_params, 2))
+    H = oracles.fd_hessian_from_gradient(lambda t: hvp.loss_and_grad(net, loss, t, X, y)[1], theta)
+    np.testing.assert_allclose(pt.hvp(V), H @ V, rtol=1e-5, atol=1e-7)
 
 
 def test_block_must_keep_the_shape():

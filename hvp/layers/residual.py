@@ -235,8 +235,8 @@ class Residual:
         """Rule 4 cross terms of f (the identity path has none): per layer of f, its own cross terms with the
         DOD backpropagated to its output, and the primal adjoint R they start carried back through f."""
         params, caches, dps = self._split(p), cache["caches"], self._split(dp)
-        inputs = self._left_tangents(p, cache, dI, dp)
-        grads, R, DOD_out = {}, None, DOD
+        inputs, kept = self._left_tangents(p, cache, dI, dp), self._kept(cache, DOD)
+        grads, R = {}, None
         for j in reversed(range(len(self.layers))):
             layer, q = self.layers[j], params[j] or {}
             DI_j, g_j = layer.tangent_backward(q, caches[j], inputs[j], dps[j], DOD,
@@ -252,8 +252,6 @@ class Residual:
                 if DI_j is not None:
                     R = DI_j if R is None else R + DI_j
                 if j > 0:
-                    kept = cache.get("adjoints")
-                    DOD = kept[1][j - 1] if kept is not None and kept[0] is DOD_out and kept[1][j - 1] is not None \
-                        else layer.backward_input(q, caches[j], DOD)
+                    DOD = kept[j - 1] if kept is not None else layer.backward_input(q, caches[j], DOD)
         return R, (grads or None)
 
