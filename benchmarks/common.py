@@ -64,12 +64,13 @@ def cpu_name():
 SETTLE_SECONDS = 0.2  # longer than OpenBLAS's workers spin after a threaded call (2^28 cycles), and OpenMP's
 
 
-def rounds(fns, repeats, burst=3, clock=time.perf_counter, settle=SETTLE_SECONDS, seed=0):
+def rounds(fns, repeats, burst=3, warm=True, clock=time.perf_counter, settle=SETTLE_SECONDS, seed=0):
     """Seconds per call of each function: ``{key: array (repeats,)}``, keys ``(library, name)`` (or plain names,
     one library).
 
-    Calls come in bursts: one untimed call, then ``burst`` timed ones in a row, as a function runs in real use
-    (caches and its library's threads warm). A round runs a burst of every function, library after library,
+    Calls come in bursts: one untimed call (``warm``), then ``burst`` timed ones in a row, as a function runs in
+    real use (caches and its library's threads warm); slow functions can take ``burst=1, warm=False``. A round
+    runs a burst of every function, library after library,
     the functions of a library in a fresh random order; before each library's turn the run pauses ``settle``
     seconds, so that the worker threads of the library before it (OpenBLAS's spin about 0.1 s after a
     threaded call, OpenMP's alike) have gone to sleep instead of taking cores from it.
@@ -84,7 +85,8 @@ def rounds(fns, repeats, burst=3, clock=time.perf_counter, settle=SETTLE_SECONDS
             time.sleep(settle)
             keys = list(table)
             for key in [keys[j] for j in rng.permutation(len(keys))]:
-                table[key]()
+                if warm:
+                    table[key]()
                 for _ in range(burst):
                     start = clock()
                     table[key]()
@@ -92,9 +94,9 @@ def rounds(fns, repeats, burst=3, clock=time.perf_counter, settle=SETTLE_SECONDS
     return {key: np.array(t[:repeats]) for key, t in times.items()}
 
 
-def median_seconds(fns, repeats, clock=time.perf_counter):
-    """Median seconds per call of each function, timed by :func:`rounds`."""
-    return {key: float(np.median(t)) for key, t in rounds(fns, repeats, clock=clock).items()}
+def median_seconds(fns, repeats, **options):
+    """Median seconds per call of each function, timed by :func:`rounds` (``options`` as there)."""
+    return {key: float(np.median(t)) for key, t in rounds(fns, repeats, **options).items()}
 
 
 def torch_peak_bytes(fn):

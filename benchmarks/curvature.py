@@ -25,11 +25,11 @@ import numpy as np
 from common import BATCH, WIDTHS
 
 
-def median_seconds(fns, repeats):
-    """Median wall time (:func:`common.rounds`) and last result of each callable."""
+def median_seconds(fns, repeats, **options):
+    """Median wall time (:func:`common.rounds`, ``options`` as there) and last result of each callable."""
     results = {}
     keep = {key: (lambda key=key, fn=fn: results.__setitem__(key, fn())) for key, fn in fns.items()}
-    return common.median_seconds(keep, repeats), results
+    return common.median_seconds(keep, repeats, **options), results
 
 
 # -- PyHessian ------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def main():
             print(f"same problem: ‖Hv(hvp) − Hv(torch)‖/‖Hv(torch)‖ = {check_same_problem(H, model, X, y):.1e}\n")
     times, results = median_seconds(fns, args.repeats)
     slow_times, slow_results = median_seconds({("hvp", name): fn for name, fn in slow.items()},
-                                              max(1, args.repeats // 2))
+                                              max(1, args.repeats // 2), burst=1, warm=False)
     times.update(slow_times)
     results.update(slow_results)
 

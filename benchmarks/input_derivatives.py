@@ -98,7 +98,8 @@ def main():
               f"(largest entry {np.abs(theirs).max():.2e})")
     all_fns = {("hvp", key): fn for key, fn in fns.items()}
     all_fns.update({("PyTorch", key): fn for key, fn in peer.items()})
-    times = common.median_seconds(all_fns, args.repeats, time.process_time if args.cpu_time else time.perf_counter)
+    times = common.median_seconds(all_fns, args.repeats,
+                                  clock=time.process_time if args.cpu_time else time.perf_counter)
     mine = {key: t for (who, key), t in times.items() if who == "hvp"}
     theirs = {key: t for (who, key), t in times.items() if who == "PyTorch"}
     print(f"{common.cpu_name()}, {os.cpu_count()} cores, {memory}, "
