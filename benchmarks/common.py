@@ -70,10 +70,10 @@ def rounds(fns, repeats, burst=3, warm=True, clock=time.perf_counter, settle=SET
 
     Calls come in bursts: one untimed call (``warm``), then ``burst`` timed ones in a row, as a function runs in
     real use (caches and its library's threads warm); slow functions can take ``burst=1, warm=False``. A round
-    runs a burst of every function, library after library,
-    the functions of a library in a fresh random order; before each library's turn the run pauses ``settle``
-    seconds, so that the worker threads of the library before it (OpenBLAS's spin about 0.1 s after a
-    threaded call, OpenMP's alike) have gone to sleep instead of taking cores from it.
+    runs a burst of every function, library after library, the functions of a library in a fresh random order;
+    before each library's turn the run pauses ``settle`` seconds, so that the worker threads of the library
+    before it (OpenBLAS's spin about 0.1 s after a threaded call, OpenMP's alike) have gone to sleep instead of
+    taking cores from it.
     """
     libraries = {}
     for key, fn in fns.items():

@@ -2,9 +2,8 @@
 
 MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 and
 float64. Prints medians and ratios measured side by side in this one run (library by library,
-``common.rounds``); PyTorch and
-JAX rows appear when they are installed. Then a block of 16 directions against its columns
-one by one (16 different vectors) and against 16 times one product (one vector, warm in cache) at
+``common.rounds``); PyTorch and JAX rows appear when they are installed. Then a block of 16 directions
+against its columns one by one (16 different vectors) and against 16 times one product (one vector, warm in cache) at
 batches 8, 32 and 256, and the peak memory of each product: tracemalloc for hvp (its pool
 of buffers emptied first), torch's profiler, XLA's memory analysis of the compiled function.
 
