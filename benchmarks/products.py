@@ -4,7 +4,9 @@ MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 a
 float64. Prints medians and ratios measured side by side in this one run (library by library,
 ``common.rounds``); PyTorch and JAX rows appear when they are installed. Then a block of 16 directions
 against its columns one by one (16 different vectors) and against 16 times one product (one vector, warm in cache) at
-batches 8, 32 and 256, and the peak memory of each product: tracemalloc for hvp (its pool
+batches 8, 32 and 256, and the peak memory of each product. The row "once: matrix products alone" times the 19
+matrix products of linearize + one hvp by themselves, on fresh operands of their shapes (hvp: numpy's, one call
+each; JAX: one jitted function of the same products), next to the whole calls: tracemalloc for hvp (its pool
 of buffers emptied first), torch's profiler, XLA's memory analysis of the compiled function.
 
     python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64] [--reuse-freed-memory]
@@ -18,6 +20,7 @@ import numpy as np
 from common import BATCH, WIDTHS
 
 BLOCK_BATCHES = (8, 32, 256)
+ONCE_PRODUCTS = "once: matrix products alone"
 K = 16  # directions in a block
 
 
@@ -43,6 +46,39 @@ def ours(dtype):
         "hvp (repeated)": lambda: pt.hvp(v),
         "ggnvp (repeated)": lambda: pt.ggnvp(v),
     }
+
+
+def once_products(dtype, seed=2):
+    """The matrix products of ``linearize`` + one ``hvp`` on the MLP, each ``(M, K)·(K, N)`` on fresh operands:
+    every layer's forward ``I W`` and tangent ``I Ẇ`` (B, m, n) and weight adjoint ``Iᵀ RDO`` (m, B, n); from the second
+    layer on also ``İ W`` (B, m, n), ``İᵀ δ`` (m, B, n) and three input adjoints ``δ Wᵀ``, ``RDO Wᵀ``, ``δ Ẇᵀ``
+    (B, n, m). Returns numpy's function, JAX's (None without JAX) and the shapes ``(M, K, N)``."""
+    pairs = list(zip(WIDTHS[:-1], WIDTHS[1:]))
+    shapes = [(BATCH, m, n) for m, n in pairs] * 2 + [(m, BATCH, n) for m, n in pairs]
+    shapes += [(BATCH, m, n) for m, n in pairs[1:]] + [(m, BATCH, n) for m, n in pairs[1:]]
+    shapes += [(BATCH, n, m) for m, n in pairs[1:]] * 3
+    rng = np.random.default_rng(seed)
+    ops = [(rng.normal(size=(M, K)).astype(dtype), rng.normal(size=(K, N)).astype(dtype)) for M, K, N in shapes]
+    outs = [np.empty((M, N), dtype) for M, _, N in shapes]
+
+    def numpy_products():
+        for (a, b), c in zip(ops, outs):
+            np.matmul(a, b, out=c)
+
+    jax_fn = None
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        pass
+    else:
+        jops = [(jnp.asarray(a), jnp.asarray(b)) for a, b in ops]
+        products = jax.jit(lambda ops: [a @ b for a, b in ops])
+
+        def jax_fn():
+            return jax.block_until_ready(products(jops))
+
+    return numpy_products, jax_fn, shapes
 
 
 def blocks(dtype):
@@ -165,21 +201,32 @@ def main():
         jax_fns, jax_peaks = jax_products(dtype) or (None, {})
         providers = {"hvp": ours(dtype), "PyTorch": torch_products(dtype, args.threads), "JAX": jax_fns}
         fns = {(who, key): fn for who, table in providers.items() if table for key, fn in table.items()}
+        numpy_products, jax_products_alone, shapes = once_products(dtype)
+        fns["hvp", ONCE_PRODUCTS] = numpy_products
+        if jax_products_alone is not None:
+            fns["JAX", ONCE_PRODUCTS] = jax_products_alone
         fns.update({("blocks", key): fn for key, fn in blocks(dtype).items()})
         times = common.median_seconds(fns, args.repeats)
         ours_t = {key: t for (who, key), t in times.items() if who == "hvp"}
         peers = {who: {key: t for (w, key), t in times.items() if w == who}
                  for who, table in providers.items() if table and who != "hvp"}
         print(f"\n{name}")
-        header = f"{'quantity':<24}{'hvp ms':>9}{'÷ grad':>8}"
+        header = f"{'quantity':<28}{'hvp ms':>9}{'÷ grad':>8}"
         for peer in peers:
             header += f"{peer + ' ms':>13}{'hvp ÷ ' + peer:>14}"
         print(header)
         for key, t in ours_t.items():
-            row = f"{key:<24}{1e3 * t:>9.2f}{t / ours_t['gradient']:>8.2f}"
+            row = f"{key:<28}{1e3 * t:>9.2f}{t / ours_t['gradient']:>8.2f}"
             for peer in peers.values():
                 row += f"{1e3 * peer[key]:>13.2f}{t / peer[key]:>14.2f}" if key in peer else f"{'':>27}"
             print(row)
+        once = "linearize + hvp (once)"
+        macs = sum(M * K * N for M, K, N in shapes)
+        line = f"\nonce: {macs / 1e6:.0f} M multiply-adds in {len(shapes)} matrix products, numpy's alone take"
+        line += f" {ours_t[ONCE_PRODUCTS] / ours_t[once]:.2f} of hvp's whole call"
+        if once in peers.get("JAX", {}):
+            line += f" and {ours_t[ONCE_PRODUCTS] / peers['JAX'][once]:.2f} of JAX's"
+        print(line)
         print(f"\n{'batch':<8}{'one hvp ms':>12}{f'{K} columns one by one ms':>26}{f'(P, {K}) block ms':>19}"
               f"{'block ÷ columns':>17}{f'block ÷ ({K} × one)':>20}")
         for B in BLOCK_BATCHES:
