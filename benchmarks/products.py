@@ -4,10 +4,11 @@ MLP 784-512-256-10 with tanh, batch 256, softmax cross-entropy (mean), float32 a
 float64. Prints medians and ratios measured side by side in this one run (library by library,
 ``common.rounds``); PyTorch and JAX rows appear when they are installed. Then a block of 16 directions
 against its columns one by one (16 different vectors) and against 16 times one product (one vector, warm in cache) at
-batches 8, 32 and 256, and the peak memory of each product. The row "once: matrix products alone" times the 19
-matrix products of linearize + one hvp by themselves, on fresh operands of their shapes (hvp: numpy's, one call
-each; JAX: one jitted function of the same products), next to the whole calls: tracemalloc for hvp (its pool
-of buffers emptied first), torch's profiler, XLA's memory analysis of the compiled function.
+batches 8, 32 and 256, and the peak memory of each product: tracemalloc for hvp (its pool
+of buffers emptied first), torch's profiler, XLA's memory analysis of the compiled function. The row
+"once: matrix products alone" times the 19 matrix products of linearize + one hvp by themselves, on fresh
+operands of their shapes (hvp: numpy's, one call each; JAX: one jitted function of the same products),
+next to the whole calls.
 
     python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64] [--reuse-freed-memory]
 """
