@@ -8,7 +8,8 @@ batches 8, 32 and 256, and the peak memory of each product: tracemalloc for hvp 
 of buffers emptied first), torch's profiler, XLA's memory analysis of the compiled function. The row
 "once: matrix products alone" times the 19 matrix products of linearize + one hvp by themselves, on fresh
 operands of their shapes (hvp: numpy's, one call each; JAX: one jitted function of the same products),
-next to the whole calls.
+next to the whole calls, and "once: elementwise work alone" the least elementwise work of that call as bare numpy
+calls on arrays made beforehand.
 
     python benchmarks/products.py [--repeats 30] [--threads 2] [--dtypes float32 float64] [--reuse-freed-memory]
 """
@@ -22,6 +23,7 @@ from common import BATCH, WIDTHS
 
 BLOCK_BATCHES = (8, 32, 256)
 ONCE_PRODUCTS = "once: matrix products alone"
+ONCE_ELEMENTWISE = "once: elementwise work alone"
 K = 16  # directions in a block
 
 
@@ -80,6 +82,32 @@ def once_products(dtype, seed=2):
             return jax.block_until_ready(products(jops))
 
     return numpy_products, jax_fn, shapes
+
+
+def once_elementwise(dtype, seed=3):
+    """The least elementwise work of ``linearize`` + one ``hvp`` on the MLP, as bare numpy calls into arrays made
+    beforehand: per hidden layer ``y = tanh(a)``, σ′ = 1 − y², σ″ = −2yσ′ and three products (tangent, cross term,
+    backward), then the softmax and the finiteness checks of θ, X and v; no bias terms, no loss gradient."""
+    rng = np.random.default_rng(seed)
+    hidden = [rng.normal(size=(BATCH, n)).astype(dtype) for n in WIDTHS[1:-1]]
+    scratch = [[np.empty_like(a) for _ in range(4)] for a in hidden]
+    P = sum((m + 1) * n for m, n in zip(WIDTHS[:-1], WIDTHS[1:]))
+    theta, v = rng.normal(size=P).astype(dtype), rng.normal(size=P).astype(dtype)
+    X, Z = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype), rng.normal(size=(BATCH, WIDTHS[-1])).astype(dtype)
+
+    def elementwise():
+        for a, (y, d1, d2, t) in zip(hidden, scratch):
+            np.tanh(a, out=y)
+            np.subtract(1, np.multiply(y, y, out=d1), out=d1)
+            np.multiply(np.multiply(y, d1, out=d2), -2, out=d2)
+            np.multiply(d1, a, out=t)
+            np.multiply(np.multiply(d2, a, out=t), a, out=t)
+            np.multiply(d1, a, out=t)
+        e = np.exp(Z - Z.max(axis=1, keepdims=True))
+        e /= e.sum(axis=1, keepdims=True)
+        return all(np.isfinite(a).all() for a in (theta, X, v))
+
+    return elementwise
 
 
 def blocks(dtype):
@@ -204,6 +232,7 @@ def main():
         fns = {(who, key): fn for who, table in providers.items() if table for key, fn in table.items()}
         numpy_products, jax_products_alone, shapes = once_products(dtype)
         fns["hvp", ONCE_PRODUCTS] = numpy_products
+        fns["hvp", ONCE_ELEMENTWISE] = once_elementwise(dtype)
         if jax_products_alone is not None:
             fns["JAX", ONCE_PRODUCTS] = jax_products_alone
         fns.update({("blocks", key): fn for key, fn in blocks(dtype).items()})
@@ -226,7 +255,9 @@ def main():
         line = f"\nonce: {macs / 1e6:.0f} M multiply-adds in {len(shapes)} matrix products, numpy's alone take"
         line += f" {ours_t[ONCE_PRODUCTS] / ours_t[once]:.2f} of hvp's whole call"
         if once in peers.get("JAX", {}):
-            line += f" and {ours_t[ONCE_PRODUCTS] / peers['JAX'][once]:.2f} of JAX's"
+            line += f" and {ours_t[ONCE_PRODUCTS] / peers['JAX'][once]:.2f} of JAX's; parity would leave"
+            line += f" {1e3 * (peers['JAX'][once] - ours_t[ONCE_PRODUCTS]):.2f} ms for the rest, whose elementwise"
+            line += f" work alone takes {1e3 * ours_t[ONCE_ELEMENTWISE]:.2f} ms"
         print(line)
         print(f"\n{'batch':<8}{'one hvp ms':>12}{f'{K} columns one by one ms':>26}{f'(P, {K}) block ms':>19}"
               f"{'block ÷ columns':>17}{f'block ÷ ({K} × one)':>20}")
