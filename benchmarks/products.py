@@ -91,7 +91,7 @@ def once_elementwise(dtype, seed=3):
     rng = np.random.default_rng(seed)
     hidden = [rng.normal(size=(BATCH, n)).astype(dtype) for n in WIDTHS[1:-1]]
     scratch = [[np.empty_like(a) for _ in range(4)] for a in hidden]
-    P = sum((m + 1) * n for m, n in zip(WIDTHS[:-1], WIDTHS[1:]))
+    P = common.mlp().num_params
     theta, v = rng.normal(size=P).astype(dtype), rng.normal(size=P).astype(dtype)
     X, Z = rng.normal(size=(BATCH, WIDTHS[0])).astype(dtype), rng.normal(size=(BATCH, WIDTHS[-1])).astype(dtype)
 
