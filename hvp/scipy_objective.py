@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ._checks import check_inputs, check_l2, check_loss, check_net
+from ._checks import all_finite, check_inputs, check_l2, check_loss, check_net
 from .products import linearize
 
 CURVATURES = ("hessian", "ggn")
@@ -68,7 +68,7 @@ def scipy_objective(net, loss, X, y, l2=0.0, curvature="hessian"):
         return recent[-1]
 
     def finite(*arrays):  # scipy's trust-krylov can step to NaN near convergence and recovers from NaN
-        return all(np.isfinite(a).all() for a in arrays)
+        return all(all_finite(np.asarray(a)) for a in arrays)
 
     def fun(theta):
         return at(theta).loss if finite(theta) else np.nan

@@ -282,3 +282,44 @@ def test_results_do_not_alias_theta(make_problem):
     for out in (grad, pt.grad, pt.hvp(np.ones(P)), pt.ggnvp(np.ones(P))):
         assert not np.shares_memory(out, theta)
     np.testing.assert_array_equal(theta, p.theta)
+
+
+# --------------------------------------------------------------------------- the finiteness test itself
+
+FINITE_CASES = {
+    "normal": lambda a: a,
+    "squares-overflow": lambda a: np.full_like(a, np.finfo(a.dtype).max / 2),
+    "nan-first": lambda a: _put(a, 0, np.nan),
+    "nan-last": lambda a: _put(a, -1, np.nan),
+    "inf": lambda a: _put(a, a.size // 2, np.inf),
+    "minus-inf": lambda a: _put(a, 1, -np.inf),
+    "overflow-and-nan": lambda a: _put(np.full_like(a, np.finfo(a.dtype).max / 2), 3, np.nan),
+    "overflow-and-inf": lambda a: _put(np.full_like(a, np.finfo(a.dtype).max), 2, -np.inf),
+    "tiny": lambda a: np.full_like(a, np.finfo(a.dtype).tiny / 4),
+}
+LAYOUTS = {
+    "vector": lambda a: a.reshape(-1),
+    "matrix": lambda a: a.reshape(6, -1),
+    "fortran": lambda a: np.asfortranarray(a.reshape(6, -1)),
+    "strided": lambda a: a.reshape(6, -1)[:, ::2],
+}
+
+
+def _put(a, i, value):
+    a = a.copy()
+    a.flat[i] = value
+    return a
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", FINITE_CASES)
+def test_all_finite_agrees_with_an_entry_by_entry_loop(dtype, layout, case):
+    from hvp._checks import all_finite
+
+    base = np.random.default_rng(0).standard_normal(6 * 40).astype(dtype)
+    a = LAYOUTS[layout](FINITE_CASES[case](base))
+    want = all(np.isfinite(float(x)) for x in a.flat)  # float() of each entry: no array-wide numpy call
+    assert all_finite(a) is want
+    if layout != "strided":  # the strided view skips some of the entries set to NaN or Inf
+        assert want == (case in ("normal", "squares-overflow", "tiny"))
